@@ -1,0 +1,142 @@
+"""Scale-by-scale generation with a KV cache, classifier-free guidance and per-bit top-k/top-p.
+
+Defaults are those of the official `tools/run_infinity.py` (cfg 3, tau 1, top-k 900, top-p 0.97,
+CFG on the logits). With the same device, seed and inputs the bits equal the official sampler's:
+the same logits go through the same masking and the same `torch.multinomial` call sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .multiscale import bits_to_codes, latents_to_tokens, next_scale_input, tokens_to_bits, upsample_codes
+from .resolution import ScaleSchedule
+from .text import TextCondition
+from .transformer import InfinityTransformer, KVCache
+
+DEFAULT_CFG = 3.0
+DEFAULT_TAU = 1.0
+DEFAULT_TOP_K = 900
+DEFAULT_TOP_P = 0.97
+DEFAULT_CFG_INSERTION_LAYER = 0  # 0: guidance on the logits; -k: on the hidden states after block depth-k
+
+
+@dataclass
+class SamplingOutput:
+    bits: list[torch.Tensor]  # per scale, (B, h, w, d) on the VAE grid
+    summed_codes: torch.Tensor  # B, d, H, W   input of the VAE decoder
+    head_logits: list[torch.Tensor] = field(default_factory=list)  # per scale raw head outputs (B or 2B rows)
+    sample_logits: list[torch.Tensor] = field(default_factory=list)  # per scale, after 1/tau and guidance
+
+
+def per_scale(value: float | Sequence[float], num_scales: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_scales
+    value = [float(v) for v in value]
+    if len(value) < num_scales:
+        raise ValueError(f"{name} has {len(value)} values, the schedule has {num_scales} scales")
+    return value
+
+
+def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, n, 2d) logits -> (B, n, d) bits. Each bit is a 2-way softmax: top-k keeps the k
+    largest (k >= 2 keeps both, k = 1 is greedy), top-p forbids the value whose probability is
+    at most 1 - top_p. Modifies `logits` in place, like the official sampler."""
+    B, n, _ = logits.shape
+    z = logits.view(B, -1, 2)
+    if top_k > 0:
+        kth = z.topk(min(top_k, 2), dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        z.masked_fill_(z < kth, -torch.inf)
+    if top_p > 0:
+        sorted_z, order = z.sort(dim=-1, descending=False)
+        drop_sorted = sorted_z.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        z.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
+    bits = torch.multinomial(z.softmax(dim=-1).view(-1, 2), num_samples=1, replacement=True, generator=generator)
+    return bits.view(B, n, -1)
+
+
+@torch.no_grad()
+def sample(
+    model: InfinityTransformer,
+    text: TextCondition,
+    schedule: ScaleSchedule,
+    *,
+    negative_text: TextCondition | None = None,
+    cfg: float | Sequence[float] = DEFAULT_CFG,
+    tau: float | Sequence[float] = DEFAULT_TAU,
+    top_k: int = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
+    cfg_insertion_layer: int | Sequence[int] = DEFAULT_CFG_INSERTION_LAYER,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+) -> SamplingOutput:
+    """Generates the bits of every scale for the prompts in `text`.
+
+    Guidance pairs each prompt with the unconditional rows (`cfg_uncond` cut to its length) or
+    with `negative_text`: logits = cfg * cond + (1 - cfg) * uncond, both scaled by 1/tau first.
+    """
+    cfg_model, device = model.config, text.features.device
+    S, B = len(schedule), text.batch_size
+    cfgs, taus = per_scale(cfg, S, "cfg"), per_scale(tau, S, "tau")
+    layers = [cfg_insertion_layer] if isinstance(cfg_insertion_layer, int) else list(cfg_insertion_layer)
+    if any(k > 0 or k <= -cfg_model.depth for k in layers):
+        raise ValueError(f"cfg_insertion_layer must be 0 (logits) or in [-{cfg_model.depth - 1}, -1], got {layers}")
+    guide_logits = 0 in layers
+    guide_after_block = {cfg_model.depth + k for k in layers if k < 0}
+
+    guided = any(c != 1 for c in cfgs)
+    if guided:
+        uncond = negative_text.to(device) if negative_text is not None else model.uncond_text(text)
+        if uncond.batch_size != B:
+            raise ValueError(f"negative prompts ({uncond.batch_size}) must match the prompts ({B})")
+        text = text.cat(uncond)
+    rows = text.batch_size  # B, or 2B with guidance
+    c = model.condition(text)
+    rope = model.rope(schedule, device)
+    block_dtype = model.blocks[0].ffn.fc1.weight.dtype
+    caches = [
+        KVCache(rows, cfg_model.num_heads, schedule.total_len, cfg_model.head_dim, block_dtype, device)
+        for _ in model.blocks
+    ]
+    patchify = cfg_model.spatial_patchify
+    vae_grids = schedule.vae_grids(patchify)
+    summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device)
+    out = SamplingOutput(bits=[], summed_codes=summed)
+
+    x = model.start_tokens(c)  # rows, 1, C
+    for s, grid in enumerate(schedule.grids):
+        guidance, offset, n = cfgs[s], schedule.offsets[s], schedule.lengths[s]
+
+        def mix_hidden(i: int, h: torch.Tensor) -> torch.Tensor:
+            if guidance == 1 or i not in guide_after_block:
+                return h
+            h = guidance * h[:B] + (1 - guidance) * h[B:]
+            return torch.cat([h, h])
+
+        x = x + model.lvl_embed.weight[s]
+        x = model.run_blocks(x, c, rope[:, offset : offset + n], kv_caches=caches, after_block=mix_hidden)
+        if guidance != 1 and guide_logits:
+            head = model.logits(x, c.cond)
+            logits = head.mul(1 / taus[s])
+            logits = guidance * logits[:B] + (1 - guidance) * logits[B:]
+        else:
+            head = model.logits(x[:B], c.cond[:B])
+            logits = head.mul(1 / taus[s])
+        if return_logits:
+            out.head_logits.append(head)
+            out.sample_logits.append(logits.clone())
+        tokens = sample_bits_from_logits(logits, top_k, top_p, generator)  # B, n, d_token
+        bits = tokens_to_bits(tokens, grid, patchify).to(torch.uint8)
+        out.bits.append(bits)
+        codes = bits_to_codes(bits)
+        if s == S - 1:
+            summed += codes
+        else:
+            summed += upsample_codes(codes, vae_grids[-1])
+            nxt = latents_to_tokens(next_scale_input(summed, vae_grids[s + 1]), patchify)
+            x = model.embed_tokens(nxt).repeat(rows // B, 1, 1)
+    return out
