@@ -1,0 +1,33 @@
+"""A clean-room, checkpoint-compatible PyTorch implementation of Infinity (FoundationVision),
+the bitwise autoregressive text-to-image model, for textual inversion."""
+
+from .config import MODEL_PRESETS, InfinityConfig, ModelPreset, VAEConfig
+from .loading import CheckpointError, ModelFilesNotFound
+from .pipeline import InfinityPipeline, InfinityPipelineOutput
+from .resolution import ScaleSchedule, get_schedule, nearest_template
+from .sampling import sample
+from .text import TextCondition, encode_prompt
+from .training import bitwise_loss, make_training_inputs
+from .transformer import InfinityTransformer
+from .vae import BSQVAE
+
+__all__ = [
+    "BSQVAE",
+    "CheckpointError",
+    "InfinityConfig",
+    "InfinityPipeline",
+    "InfinityPipelineOutput",
+    "InfinityTransformer",
+    "MODEL_PRESETS",
+    "ModelFilesNotFound",
+    "ModelPreset",
+    "ScaleSchedule",
+    "TextCondition",
+    "VAEConfig",
+    "bitwise_loss",
+    "encode_prompt",
+    "get_schedule",
+    "make_training_inputs",
+    "nearest_template",
+    "sample",
+]

@@ -165,8 +165,8 @@ class CrossAttnBlock(nn.Module):
         self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)  # added to the shared table
         self.sa = SelfAttention(C, cfg.num_heads)
         self.ca = TextCrossAttention(C, C, cfg.num_heads)
-        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.ffn = FFN(C, cfg.mlp_hidden)
+        self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
 
     def forward(self, x, c: Conditioning, rope, attn_mask=None, kv_cache=None):
         # x: B, n, C float32 residual stream
@@ -216,11 +216,11 @@ class InfinityTransformer(nn.Module):
         nn.init.trunc_normal_(self.lvl_embed.weight, std=init_std)
         self.word_embed = nn.Linear(cfg.bits_per_token, C)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
+        self.head = nn.Linear(C, 2 * cfg.bits_per_token)
         blocks = [CrossAttnBlock(cfg) for _ in range(cfg.depth)]
         n = cfg.blocks_per_chunk
         self.block_chunks = nn.ModuleList(BlockChunk(blocks[i : i + n]) for i in range(0, cfg.depth, n))
-        self.head_nm = AdaLNBeforeHead(C, cfg.norm_eps)
-        self.head = nn.Linear(C, 2 * cfg.bits_per_token)
         self.gradient_checkpointing = False
         self._tables: dict = {}  # rope tables and attention masks per (schedule, device)
 

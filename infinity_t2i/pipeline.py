@@ -1,0 +1,198 @@
+"""`InfinityPipeline`: load the released model (or a local one) and turn prompts into images.
+
+    pipe = InfinityPipeline.from_pretrained("FoundationVision/Infinity", model_type="infinity_2b",
+                                            torch_dtype=torch.bfloat16, device="cuda")
+    images = pipe("a photo of a dog on the beach", seed=0).images
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .config import MODEL_CONFIG_NAME, MODEL_PRESETS, ModelPreset, load_model_config, save_model_config
+from .loading import (
+    ModelFilesNotFound,
+    load_into,
+    read_state_dict,
+    resolve_model_file,
+    save_state_dict,
+    vae_state_dict,
+)
+from .resolution import ScaleSchedule, get_schedule
+from .sampling import (
+    DEFAULT_CFG,
+    DEFAULT_CFG_INSERTION_LAYER,
+    DEFAULT_TAU,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    sample,
+)
+from .text import T5_MAX_LENGTH, TextCondition, encode_prompt
+from .transformer import InfinityTransformer
+from .vae import BSQVAE
+
+
+def resolve_preset(pretrained_model_name_or_path: str, model_type: str) -> ModelPreset:
+    """A local folder may describe its own architecture in infinity_config.json; otherwise the
+    released preset named by `model_type` gives the architecture and the file names."""
+    local_config = os.path.join(pretrained_model_name_or_path, MODEL_CONFIG_NAME)
+    if os.path.isdir(pretrained_model_name_or_path) and os.path.exists(local_config):
+        return load_model_config(local_config)
+    if model_type not in MODEL_PRESETS:
+        raise ValueError(f"unknown model_type {model_type!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[model_type]
+
+
+def load_transformer(path: str, preset: ModelPreset, block_dtype: torch.dtype, device) -> InfinityTransformer:
+    with torch.device("meta"):
+        model = InfinityTransformer(preset.transformer)
+    model.set_block_dtype(block_dtype)
+    load_into(model, read_state_dict(path), what=path)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(path: str, preset: ModelPreset, device) -> BSQVAE:
+    with torch.device("meta"):
+        vae = BSQVAE(preset.vae)
+    load_into(vae, vae_state_dict(read_state_dict(path), vae.state_dict().keys()), what=path)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: str | None = None):
+    """flan-T5 tokenizer and encoder (the encoder half only, frozen)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, legacy=True)
+        text_encoder = T5EncoderModel.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+    except OSError as e:
+        raise ModelFilesNotFound(
+            f"could not load the T5 text encoder from {name_or_path!r} ({type(e).__name__}); download "
+            f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"
+        ) from e
+    tokenizer.model_max_length = T5_MAX_LENGTH
+    return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, truncating like the official conversion."""
+    return ((images + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8)
+
+
+@dataclass
+class InfinityPipelineOutput:
+    images: list[Image.Image]  # RGB
+    bits: list[torch.Tensor] | None = None  # per scale (B, h, w, d) on the VAE grid, with return_bits
+
+
+class InfinityPipeline:
+    def __init__(self, transformer: InfinityTransformer, vae: BSQVAE, tokenizer, text_encoder):
+        self.transformer, self.vae, self.tokenizer, self.text_encoder = transformer, vae, tokenizer, text_encoder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        model_type: str = "infinity_2b",
+        text_encoder_name_or_path: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        revision: str | None = None,
+    ) -> "InfinityPipeline":
+        """Loads from a hub repo id (FoundationVision/Infinity file names) or a local folder with
+        the same file names. `torch_dtype` applies to the transformer blocks and T5; the VAE and
+        the transformer's float32 parts stay float32, as in the official bf16 inference."""
+        preset = resolve_preset(pretrained_model_name_or_path, model_type)
+        transformer_path = resolve_model_file(pretrained_model_name_or_path, preset.transformer_file, revision)
+        vae_path = resolve_model_file(pretrained_model_name_or_path, preset.vae_file, revision)
+        transformer = load_transformer(transformer_path, preset, torch_dtype, device)
+        vae = load_vae(vae_path, preset, device)
+        text_encoder_path = text_encoder_name_or_path or preset.text_encoder
+        bundled = os.path.join(pretrained_model_name_or_path, text_encoder_path)
+        if text_encoder_name_or_path is None and os.path.isdir(bundled):
+            text_encoder_path = bundled  # a local model folder may carry its own text encoder
+        tokenizer, text_encoder = load_text_encoder(text_encoder_path, torch_dtype, device, None)
+        return cls(transformer, vae, tokenizer, text_encoder)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes a folder `from_pretrained` reads: weights as safetensors, the architecture in
+        infinity_config.json and the T5 tokenizer and encoder under text_encoder/."""
+        os.makedirs(directory, exist_ok=True)
+        save_state_dict(self.transformer, os.path.join(directory, "transformer.safetensors"))
+        save_state_dict(self.vae, os.path.join(directory, "vae.safetensors"))
+        self.tokenizer.save_pretrained(os.path.join(directory, "text_encoder"))
+        self.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
+        preset = ModelPreset(self.transformer.config, self.vae.config, "transformer.safetensors", "vae.safetensors", "text_encoder")
+        save_model_config(preset, directory)  # last: a folder with a config is a complete one
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.pos_start.device
+
+    def to(self, device) -> "InfinityPipeline":
+        for module in (self.transformer, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    @property
+    def token_stride(self) -> int:
+        """Image pixels per transformer token, per side."""
+        cfg = self.transformer.config
+        return self.vae.config.patch_size * (2 if cfg.spatial_patchify else 1)
+
+    def schedule(self, h_div_w: float = 1.0, pn: str = "1M") -> ScaleSchedule:
+        return get_schedule(h_div_w, pn)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> TextCondition:
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        h_div_w: float = 1.0,
+        pn: str = "1M",
+        schedule: ScaleSchedule | None = None,
+        cfg: float | Sequence[float] = DEFAULT_CFG,
+        tau: float | Sequence[float] = DEFAULT_TAU,
+        top_k: int = DEFAULT_TOP_K,
+        top_p: float = DEFAULT_TOP_P,
+        cfg_insertion_layer: int = DEFAULT_CFG_INSERTION_LAYER,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        return_bits: bool = False,
+    ) -> InfinityPipelineOutput:
+        """Generates `num_images_per_prompt` images for each prompt in one batch. `seed` seeds a
+        generator on the model's device (the official per-call seeding); `generator` overrides it."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        text = self.encode_prompt(prompts)
+        negative = None
+        if negative_prompt:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = negatives if len(negatives) == len(prompts) else [n for n in negatives for _ in range(num_images_per_prompt)]
+            negative = self.encode_prompt(negatives)
+        if generator is None and seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        out = sample(
+            self.transformer,
+            text,
+            schedule or self.schedule(h_div_w, pn),
+            negative_text=negative,
+            cfg=cfg,
+            tau=tau,
+            top_k=top_k,
+            top_p=top_p,
+            cfg_insertion_layer=cfg_insertion_layer,
+            generator=generator,
+        )
+        pixels = to_uint8(self.vae.decode(out.summed_codes)).cpu().numpy()
+        images = [Image.fromarray(p) for p in pixels]
+        return InfinityPipelineOutput(images, out.bits if return_bits else None)

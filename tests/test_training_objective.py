@@ -1,0 +1,49 @@
+"""The training objective: token weights and bitwise self-correction."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinity_t2i.multiscale import bits_to_codes, quantize, residual_quantize, upsample_codes
+from infinity_t2i.resolution import get_schedule
+from infinity_t2i.training import make_training_inputs, token_weights
+
+
+def test_scale_reweighting_gives_each_scale_weight_proportional_to_its_side():
+    schedule = get_schedule(1.0, "0.06M")  # sides 1, 2, 4, 6, 8, 12, 16
+    w = token_weights(schedule, reweight_by_scale=True)
+    per_scale = torch.stack([x.sum() for x in w.split(list(schedule.lengths))])
+    expected = torch.tensor([1, 2, 4, 6, 8, 12, 16]) / 49
+    assert torch.allclose(per_scale, expected, atol=1e-6)
+    assert torch.allclose(token_weights(schedule, False), torch.full((521,), 1 / 521))
+    last = token_weights(get_schedule(1.0, "1M"), True).split(list(get_schedule(1.0, "1M").lengths))[-1].sum()
+    assert abs(last.item() - 64 / 277) < 1e-6
+
+
+@pytest.mark.parametrize("patchify", [False, True])
+def test_self_correction_flips_inputs_and_relabels_against_the_corrupted_sum(patchify):
+    torch.manual_seed(0)
+    schedule = get_schedule(1.0, "0.06M").prefix(5)
+    grids = schedule.vae_grids(patchify)
+    features = torch.randn(2, 6, *grids[-1])
+    clean = make_training_inputs(features, schedule, patchify)
+    noisy = make_training_inputs(features, schedule, patchify, 0.3, 13, torch.Generator().manual_seed(1))
+    assert clean.x_tokens.shape == noisy.x_tokens.shape and clean.labels.shape == noisy.labels.shape
+    n0 = schedule.lengths[0]
+    assert torch.equal(clean.labels[:, :n0], noisy.labels[:, :n0])  # nothing corrupted before scale 0
+    assert not torch.equal(clean.x_tokens, noisy.x_tokens)
+    assert not torch.equal(clean.labels, noisy.labels)  # later labels correct the flipped bits
+    # with scale 0 fully flipped, scale 1 must learn the residual left by the flipped codes
+    clean_rq = residual_quantize(features, grids)
+    flipped = residual_quantize(features, grids, flip=lambda s, b: b ^ 1 if s == 0 else b)
+    left = features - upsample_codes(bits_to_codes(clean_rq.labels[0] ^ 1), grids[-1])
+    assert torch.equal(flipped.labels[0], clean_rq.labels[0])
+    assert torch.equal(flipped.labels[1], quantize(F.adaptive_avg_pool2d(left, grids[1])))
+
+
+def test_zero_strength_is_plain_teacher_forcing():
+    features = torch.randn(1, 4, 8, 8)
+    schedule = get_schedule(1.0, "0.06M").prefix(5)
+    a = make_training_inputs(features, schedule, False)
+    b = make_training_inputs(features, schedule, False, 0.0, 13, torch.Generator().manual_seed(5))
+    assert torch.equal(a.x_tokens, b.x_tokens) and torch.equal(a.labels, b.labels)
