@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -30,6 +31,7 @@ from .sampling import (
     DEFAULT_TAU,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
+    Generators,
     sample,
 )
 from .text import T5_MAX_LENGTH, TextCondition, encode_prompt
@@ -166,11 +168,14 @@ class InfinityPipeline:
         top_p: float = DEFAULT_TOP_P,
         cfg_insertion_layer: int = DEFAULT_CFG_INSERTION_LAYER,
         seed: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         return_bits: bool = False,
     ) -> InfinityPipelineOutput:
-        """Generates `num_images_per_prompt` images for each prompt in one batch. `seed` seeds a
-        generator on the model's device (the official per-call seeding); `generator` overrides it."""
+        """Generates `num_images_per_prompt` images for each prompt in one batch.
+
+        With `seed`, image k of the batch draws from its own generator seeded `seed + k` on the
+        model's device (for a single image this is the official per-call seeding); `generator`
+        (one for the batch, or one per image) overrides it."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         text = self.encode_prompt(prompts)
@@ -180,7 +185,7 @@ class InfinityPipeline:
             negatives = negatives if len(negatives) == len(prompts) else [n for n in negatives for _ in range(num_images_per_prompt)]
             negative = self.encode_prompt(negatives)
         if generator is None and seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
+            generator = [torch.Generator(self.device).manual_seed(seed + k) for k in range(len(prompts))]
         out = sample(
             self.transformer,
             text,
@@ -196,3 +201,24 @@ class InfinityPipeline:
         pixels = to_uint8(self.vae.decode(out.summed_codes)).cpu().numpy()
         images = [Image.fromarray(p) for p in pixels]
         return InfinityPipelineOutput(images, out.bits if return_bits else None)
+
+
+def generate_images(pipe: InfinityPipeline, prompt: str, num_images: int, seed: int = 0, batch_size: int = 4, **settings) -> list[Image.Image]:
+    """`num_images` images of one prompt, image i drawn with seed `seed + i` whatever the batch
+    size: the generation the inference script and the training script's validation share."""
+    images = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        generators = [torch.Generator(pipe.device).manual_seed(seed + start + k) for k in range(n)]
+        images += pipe([prompt] * n, generator=generators, **settings).images
+    return images
+
+
+def make_image_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
+    """Images laid out row by row (all of the first image's size)."""
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, image in enumerate(images):
+        grid.paste(image.resize((w, h)), ((k % cols) * w, (k // cols) * h))
+    return grid

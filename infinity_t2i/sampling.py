@@ -41,10 +41,16 @@ def per_scale(value: float | Sequence[float], num_scales: int, name: str) -> lis
     return value
 
 
-def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, generator: Generators) -> torch.Tensor:
     """(B, n, 2d) logits -> (B, n, d) bits. Each bit is a 2-way softmax: top-k keeps the k
     largest (k >= 2 keeps both, k = 1 is greedy), top-p forbids the value whose probability is
-    at most 1 - top_p. Modifies `logits` in place, like the official sampler."""
+    at most 1 - top_p. Modifies `logits` in place, like the official sampler.
+
+    One generator draws for the whole batch, as officially; a list of B generators draws each
+    row from its own, so an image depends only on its own seed, not on the batch it is in."""
     B, n, _ = logits.shape
     z = logits.view(B, -1, 2)
     if top_k > 0:
@@ -55,7 +61,13 @@ def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, gene
         drop_sorted = sorted_z.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         drop_sorted[..., -1:] = False
         z.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), -torch.inf)
-    bits = torch.multinomial(z.softmax(dim=-1).view(-1, 2), num_samples=1, replacement=True, generator=generator)
+    probs = z.softmax(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for a batch of {B}")
+        bits = torch.stack([torch.multinomial(p.view(-1, 2), 1, replacement=True, generator=g) for p, g in zip(probs, generator)])
+    else:
+        bits = torch.multinomial(probs.view(-1, 2), num_samples=1, replacement=True, generator=generator)
     return bits.view(B, n, -1)
 
 
@@ -71,7 +83,7 @@ def sample(
     top_k: int = DEFAULT_TOP_K,
     top_p: float = DEFAULT_TOP_P,
     cfg_insertion_layer: int | Sequence[int] = DEFAULT_CFG_INSERTION_LAYER,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     return_logits: bool = False,
 ) -> SamplingOutput:
     """Generates the bits of every scale for the prompts in `text`.

@@ -70,11 +70,35 @@ class TextCondition:
         return TextCondition(self.features.to(device), self.mask.to(device))
 
 
+SPACE_PIECE = "\u2581"  # SentencePiece's word-boundary marker
+
+
+def learned_token_ids(tokenizer) -> set[int]:
+    """Ids of tokens added for textual inversion (added tokens that are not special)."""
+    return {i for i, token in tokenizer.added_tokens_decoder.items() if not token.special}
+
+
 def tokenize(tokenizer, prompts: Sequence[str], max_length: int = T5_MAX_LENGTH):
     """Token ids and attention mask, padded to the longest prompt of the batch, not to 512:
-    T5 masks padding, so real-token features are the same and the encoder does less work."""
-    tokens = tokenizer(list(prompts), max_length=max_length, padding="longest", truncation=True, return_tensors="pt")
-    return tokens.input_ids, tokens.attention_mask
+    T5 masks padding, so real-token features are the same and the encoder does less work.
+
+    The T5 tokenizer splits text at added tokens and puts a word-boundary piece in front of
+    every segment, so "a <my-dog>, running" would get a bare "\u2581" between the token and the
+    comma. Bare boundary pieces next to learned tokens are dropped, the same way in training,
+    validation and inference; prompts without learned tokens tokenize exactly as before.
+    """
+    learned = learned_token_ids(tokenizer)
+    if not learned or not any(tokenizer.added_tokens_decoder[i].content in p for p in prompts for i in learned):
+        tokens = tokenizer(list(prompts), max_length=max_length, padding="longest", truncation=True, return_tensors="pt")
+        return tokens.input_ids, tokens.attention_mask
+    space = tokenizer.convert_tokens_to_ids(SPACE_PIECE)
+    rows = []
+    for ids in tokenizer(list(prompts), max_length=max_length, truncation=True).input_ids:
+        rows.append([t for k, t in enumerate(ids) if not (t == space and ({ids[k - 1] if k else None, ids[k + 1] if k + 1 < len(ids) else None} & learned))])
+    length = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    return input_ids, mask
 
 
 def encode_prompt(

@@ -1,0 +1,293 @@
+"""train_textual_inversion_infinity.py on a tiny Infinity + tiny T5, on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train_textual_inversion_infinity as train
+from infinity_t2i.pipeline import InfinityPipeline
+
+SCRIPT = os.path.join(ROOT, "train_textual_inversion_infinity.py")
+PLACEHOLDER = "<blob>"
+
+
+def draw_concept(path, size=(96, 80), shift=0, mode="RGB"):
+    image = Image.new("RGB", size, (40 + 20 * shift, 110, 190))
+    ImageDraw.Draw(image).ellipse((10 + 4 * shift, 12, size[0] - 12, size[1] - 10), fill=(240, 90, 30))
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+
+
+@pytest.fixture
+def concept_dir(tmp_path):
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    for i in range(3):
+        draw_concept(folder / f"blob_{i}.png", shift=i)
+    return folder
+
+
+def train_args(model_dir, data_dir, output_dir, *extra):
+    return [
+        "--pretrained_model_name_or_path", str(model_dir),
+        "--train_data_dir", str(data_dir),
+        "--placeholder_token", PLACEHOLDER,
+        "--initializer_token", "dog",
+        "--output_dir", str(output_dir),
+        "--pn", "0.06M",
+        "--repeats", "2",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(model_dir, data_dir, output_dir, *extra):
+    train.main(train.parse_args(train_args(model_dir, data_dir, output_dir, *extra)))
+
+
+def scalars(output_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = os.path.join(output_dir, "logs", "textual_inversion_infinity")
+    acc = EventAccumulator(logs, size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)]
+
+
+def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
+           *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "2",
+                       "--checkpointing_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
+                       "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_prompt", f"a {PLACEHOLDER} on the beach")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = set(os.listdir(out))
+    assert {"learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
+            "token_identifier.txt", "type_of_concept.txt", "README.md", "checkpoint-2", "checkpoint-4", "validation", "logs"} <= files  # fmt: skip
+    assert not [f for f in files if f.endswith(".tmp")]
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert list(f.keys()) == [PLACEHOLDER] and f.get_tensor(PLACEHOLDER).shape == (1, 128)
+        meta = f.metadata()
+    assert json.loads(meta["tokens"]) == [PLACEHOLDER] and meta["initializer_token"] == "dog" and meta["step"] == "4"
+    assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
+    assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (out / "type_of_concept.txt").read_text() == "object"
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
+    grids = sorted(os.listdir(out / "validation"))
+    assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    assert Image.open(out / "validation" / grids[-1]).size == (2 * 256, 2 * 256)  # 2 prompts x 2 images at 0.06M
+    assert len(scalars(out, "loss")) == 4 and len(scalars(out, "vector_norm")) == 4 and len(scalars(out, "vocab_mean_norm")) == 4
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
+
+
+def test_frozen_weights_stay_bit_identical_and_only_the_new_row_changes(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    loaded = {}
+    original = InfinityPipeline.from_pretrained.__func__
+
+    def capture(cls, *a, **k):
+        pipe = original(cls, *a, **k)
+        loaded["pipe"] = pipe
+        loaded["before"] = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("text_encoder", "transformer", "vae")}
+        return pipe
+
+    monkeypatch.setattr(InfinityPipeline, "from_pretrained", classmethod(capture))
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "3", "--validation_prompt", f"a {PLACEHOLDER}",
+        "--validation_steps", "3", "--num_validation_images", "1", "--learning_rate", "0.1")  # fmt: skip
+    pipe, before = loaded["pipe"], loaded["before"]
+    placeholder_id = pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+    for name in ("transformer", "vae"):
+        after = getattr(pipe, name).state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
+        assert all(not p.requires_grad and p.grad is None for p in getattr(pipe, name).parameters())
+    after = pipe.text_encoder.state_dict()
+    learned = load_file(tmp_path / "out" / "learned_embeds.safetensors")[PLACEHOLDER]
+    for key, value in before["text_encoder"].items():
+        if key in ("shared.weight", "encoder.embed_tokens.weight"):
+            others = torch.arange(value.shape[0]) != placeholder_id
+            assert torch.equal(after[key][others], value[others]), key  # every other row untouched
+            assert torch.equal(after[key][placeholder_id], learned[0])  # validation wrote the learned row
+        else:
+            assert torch.equal(after[key], value), key
+    dog = pipe.tokenizer.convert_tokens_to_ids("\u2581dog")
+    assert not torch.equal(learned[0], before["text_encoder"]["shared.weight"][dog])  # it moved from its start
+
+
+def test_loss_falls_on_a_fixed_set(tiny_pipeline_dir, tmp_path):
+    data = tmp_path / "captioned"
+    data.mkdir()
+    for i in range(2):
+        draw_concept(data / f"b{i}.png", shift=i)
+    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"b{i}.png", "text": f"a photo of a {PLACEHOLDER}"}) + "\n" for i in range(2)))
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, data, out, "--max_train_steps", "30", "--train_batch_size", "2", "--learning_rate", "0.05",
+        "--no-reweight_loss_by_scale", "--checkpointing_steps", "1000", "--save_steps", "1000")  # fmt: skip
+    losses = scalars(out, "loss")
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.005, losses
+
+
+def test_resumed_run_ends_with_the_uninterrupted_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
+    common = ("--checkpointing_steps", "3", "--save_steps", "1000", "--random_flip", "--self_correction_strength", "0.3",
+              "--gradient_accumulation_steps", "2", "--learning_rate", "0.05")  # fmt: skip
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "full", "--max_train_steps", "5", *common)
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "3", *common)  # stops after checkpoint-3
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "5", "--resume_from_checkpoint", "latest", *common)
+    full = load_file(tmp_path / "full" / "learned_embeds.safetensors")[PLACEHOLDER]
+    resumed = load_file(tmp_path / "part" / "learned_embeds.safetensors")[PLACEHOLDER]
+    at_step_3 = next(iter(load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors").values()))
+    assert torch.equal(resumed, full)
+    assert not torch.equal(at_step_3, full)  # steps 4 and 5 did change the vectors
+
+
+def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_multi_vector_concept_with_sidecar_captions(tiny_pipeline_dir, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        draw_concept(data / f"b{i}.png", shift=i)
+        (data / f"b{i}.txt").write_text(f"a close-up photo of a {PLACEHOLDER}, dog")
+    seen = []
+    real_encode = train.encode_prompt
+
+    def spy(tokenizer, text_encoder, prompts, embed_tokens=None):
+        from infinity_t2i.text import tokenize
+
+        seen.append((prompts, tokenize(tokenizer, prompts)[0]))
+        return real_encode(tokenizer, text_encoder, prompts, embed_tokens)
+
+    monkeypatch.setattr(train, "encode_prompt", spy)
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, data, out, "--num_vectors", "3", "--initializer_token", "photo", "--max_train_steps", "2")
+    vectors = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
+    assert vectors.shape == (3, 128)
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["tokens"]) == [PLACEHOLDER, f"{PLACEHOLDER}_1", f"{PLACEHOLDER}_2"]
+    prompts, ids = seen[0]
+    assert prompts == [f"a close-up photo of a {PLACEHOLDER} {PLACEHOLDER}_1 {PLACEHOLDER}_2, dog"]
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    n = len(pipe.tokenizer)
+    ids = ids[0].tolist()
+    k = ids.index(n)
+    assert ids[k : k + 3] == [n, n + 1, n + 2]  # the three tokens in order
+    assert pipe.tokenizer.convert_ids_to_tokens(ids[k + 3]) == ","  # no stray word-boundary piece
+
+
+def test_push_to_hub_uploads_only_the_shareable_files(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(train, "create_repo", lambda repo_id, exist_ok, token: calls.setdefault("create", type("R", (), {"repo_id": f"me/{repo_id}"})()))
+    monkeypatch.setattr(train, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "my-blob-ti", "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--push_to_hub", "--validation_prompt", f"a {PLACEHOLDER}", "--num_validation_images", "1")  # fmt: skip
+    upload = calls["upload"]
+    assert upload["repo_id"] == "me/my-blob-ti"
+    patterns = upload["allow_patterns"]
+    assert set(patterns) == {"learned_embeds.safetensors", "token_identifier.txt", "type_of_concept.txt", "README.md", "validation/step-000000.png"}
+    assert all(os.path.exists(os.path.join(upload["folder_path"], p)) for p in patterns)
+
+
+def test_image_modes_are_converted_to_rgb():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert train.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert train.to_rgb(grey16).getpixel((0, 0)) == (255, 255, 255)
+    assert train.to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).mode == "RGB"
+    assert train.to_rgb(Image.new("L", (4, 4), 128)).getpixel((0, 0)) == (128, 128, 128)
+    assert train.resize_to(Image.new("RGB", (300, 200)), (128, 128), center_crop=True).size == (128, 128)
+
+
+def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    draw_concept(data / "grey.png", mode="L")
+    draw_concept(data / "alpha.png", mode="RGBA")
+    draw_concept(data / "cmyk.jpg", mode="CMYK")
+    draw_concept(data / "small.webp", size=(40, 30))
+    Image.fromarray((np.random.rand(50, 60) * 65535).astype(np.uint16)).save(data / "deep.png")
+    run(tiny_pipeline_dir, data, tmp_path / "out", "--max_train_steps", "1", "--aspect_ratio", "nearest")
+    assert os.path.exists(tmp_path / "out" / "learned_embeds.safetensors")
+    assert "smaller than the training size" in caplog.text
+
+
+def fails(capsys, argv, message):
+    """The script as a program: a non-zero exit and the error on one line (argparse prints its
+    usage line before its own errors, transformers its loading bar before late ones)."""
+    sys.argv = ["train_textual_inversion_infinity.py", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            train.main(train.parse_args())
+        except (train.UsageError, train.ConceptError, train.ModelFilesNotFound, train.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)  # what the script's __main__ does
+            sys.exit(1)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bars
+    assert exit_info.value.code in (1, 2) and message in last_line and "error: " in last_line, last_line
+    return last_line
+
+
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("missing", [], "is not a folder"),
+        ("empty", [], "holds no images"),
+        ("corrupt", [], "cannot read image"),
+        ("uncaptioned", [], "does not contain <blob>"),
+        ("ok", ["--placeholder_token", "dog"], "already in the tokenizer's vocabulary"),
+        ("ok", ["--initializer_token", "日本"], "unknown to the tokenizer"),
+        ("ok", ["--mixed_precision", "fp16"], "flan-T5 overflows in float16"),
+        ("ok", ["--hub_token", "x", "--report_to", "wandb"], "expose the token"),
+        ("ok", ["--resume_from_checkpoint", "nowhere"], "does not exist"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
+    data = tmp_path / case
+    if case != "missing":
+        data.mkdir()
+    if case == "corrupt":
+        draw_concept(data / "fine.png")
+        (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    if case in ("uncaptioned", "ok"):
+        draw_concept(data / "fine.png")
+    if case == "uncaptioned":
+        (data / "fine.txt").write_text("a photo of a dog")
+    out = tmp_path / "out"
+    argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "1") + extra
+    err = fails(capsys, argv, message)
+    if case == "corrupt":
+        assert "broken.jpg" in err
+    if "--resume_from_checkpoint" not in extra:
+        assert not out.exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def loss_that_breaks_at_step_3(*args):
+        calls.append(1)
+        loss = train_bitwise_loss(*args)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    train_bitwise_loss = train.bitwise_loss
+    monkeypatch.setattr(train, "bitwise_loss", loss_that_breaks_at_step_3)
+    out = tmp_path / "out"
+    with pytest.raises(train.UsageError, match="the loss became nan at step 2"):
+        run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "10", "--save_steps", "1", "--learning_rate", "0.1")
+    kept = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
+    # step 3 saw the vectors after two updates and failed; step 2's (after one update) were good
+    assert torch.equal(kept, load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
+    assert not torch.equal(kept, load_file(out / "learned_embeds-steps-2.safetensors")[PLACEHOLDER])

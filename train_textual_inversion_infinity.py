@@ -1,0 +1,651 @@
+#!/usr/bin/env python
+"""Textual inversion for Infinity: learn a T5 token embedding that makes Infinity draw a concept.
+
+    accelerate launch train_textual_inversion_infinity.py \\
+        --pretrained_model_name_or_path FoundationVision/Infinity \\
+        --train_data_dir ./my_dog --placeholder_token "<my-dog>" --initializer_token dog \\
+        --output_dir my-dog-ti
+
+Only the new token vectors train (float32); flan-T5, the Infinity transformer and the BSQ-VAE stay
+frozen. The loss is Infinity's own training loss: the images are tokenized into multi-scale bits
+once (the VAE features are cached), and the transformer predicts every scale's bits from the
+coarser scales, conditioned on captions that contain the placeholder.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from PIL import Image, ImageOps
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
+from infinity_t2i.pipeline import InfinityPipeline, generate_images, make_image_grid
+from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
+from infinity_t2i.text import encode_prompt
+from infinity_t2i.textual_inversion import (
+    LEARNED_EMBEDS_NAME,
+    ConceptError,
+    TEMPLATES,
+    LearnedConcept,
+    LearnedEmbeddings,
+    add_placeholder_tokens,
+    ensure_embedding_rows,
+    expand_placeholders,
+    initializer_vectors,
+    mean_embedding_norm,
+    placeholder_tokens,
+    save_learned_embeds,
+    write_rows,
+)
+from infinity_t2i.training import bitwise_loss, make_training_inputs
+
+logger = get_logger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+STEP_RNG_NAME = "step_rng.safetensors"
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, with a non-zero exit and nothing written."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Textual inversion for Infinity (FoundationVision).")
+    # model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub repo id (FoundationVision/Infinity) or a local folder with the same file names.")
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the Infinity hub repo.")
+    parser.add_argument("--model_type", type=str, default="infinity_2b", choices=["infinity_2b", "infinity_8b"], help="Which released model (ignored for a local folder with infinity_config.json).")
+    parser.add_argument("--text_encoder_name_or_path", type=str, default=None, help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).")
+    # concept
+    parser.add_argument("--placeholder_token", type=str, required=True, help="A new token standing for the concept, e.g. <my-dog>.")
+    parser.add_argument("--initializer_token", type=str, required=True, help="A word close to the concept; its embedding starts the learned vectors.")
+    parser.add_argument("--num_vectors", type=int, default=1, help="How many vectors the concept gets (tokens <tok>, <tok>_1, ...).")
+    parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Caption templates for an object or a style.")
+    # data
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (jpg/png/webp), optionally with metadata.jsonl or .txt captions.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="A datasets name or local folder, instead of --train_data_dir.")
+    parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
+    parser.add_argument("--caption_column", type=str, default="text", help="Caption column (of --dataset_name or metadata.jsonl); captions must contain the placeholder.")
+    parser.add_argument("--repeats", type=int, default=100, help="How many times to repeat the training images per epoch.")
+    parser.add_argument("--pn", type=str, default="0.25M", choices=sorted(PN_NUM_SCALES), help="Training resolution: 0.06M (256px), 0.25M (512px) or 1M (1024px) for square images.")
+    parser.add_argument("--aspect_ratio", type=str, default="square", choices=["square", "nearest"], help="square: every image at 1:1; nearest: each image at its nearest Infinity aspect-ratio template.")
+    parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Crop to the template's aspect ratio before resizing (the official preprocessing); --no-center_crop stretches instead.")
+    parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    parser.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True, help="Encode each image (and flip) with the VAE once instead of every step.")
+    # optimisation
+    parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embedding, checkpoints and logs go.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=2000, help="Total optimisation steps; overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimisation step.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute T5 and Infinity block activations in the backward pass to save memory.")
+    parser.add_argument("--learning_rate", type=float, default=5e-3, help="Learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation steps x batch size.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate schedule.")
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay of the learned vectors.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--self_correction_strength", type=float, default=0.0, help="Bitwise self-correction: flip up to this fraction of input bits per scale (the released recipe used 0.3); 0 = plain teacher forcing.")
+    parser.add_argument("--self_correction_scales", type=int, default=13, help="Flip bits on this many coarsest scales.")
+    parser.add_argument("--reweight_loss_by_scale", action=argparse.BooleanOptionalAction, default=True, help="Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all tokens equally.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="bf16 runs the frozen T5 and Infinity blocks in bfloat16 (default: accelerate config).")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    # logging, validation, saving
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "mlflow", "comet_ml" or "all".')
+    parser.add_argument("--validation_prompt", type=str, action="append", default=None, help="A prompt with the placeholder to render during training; repeatable.")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompts every X steps (and at step 0).")
+    parser.add_argument("--save_steps", type=int, default=500, help="Save learned_embeds-steps-X.safetensors every X steps.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable training state every X steps.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest".')
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the embedding, concept files, card and grid to the hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Token for --push_to_hub.")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to (default: the output folder's name).")
+    args = parser.parse_args(argv)
+
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        parser.error("give exactly one of --train_data_dir or --dataset_name")
+    if args.mixed_precision == "fp16":
+        parser.error("--mixed_precision fp16 is refused: flan-T5 overflows in float16 (it was trained in bfloat16); use bf16 or no")
+    if args.hub_token is not None and args.report_to in ("wandb", "all"):
+        parser.error("--hub_token with --report_to wandb would expose the token in the run's config; log in with `huggingface-cli login` instead")
+    for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    name: str
+    image: Image.Image  # RGB, at the size the model trains on
+    caption: str | None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; greyscale, 16-bit, palette and CMYK converted; transparency
+    composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def resize_to(image: Image.Image, size: tuple[int, int], center_crop: bool) -> Image.Image:
+    """To exactly (H, W): cover-resize (LANCZOS) and centre-crop, as the official data pipeline,
+    or a plain resize that stretches."""
+    height, width = size
+    if not center_crop:
+        return image.resize((width, height), resample=Image.LANCZOS)
+    w, h = image.size
+    if w / h <= width / height:
+        new_w, new_h = width, int(width / (w / h))
+    else:
+        new_w, new_h = int((w / h) * height), height
+    image = image.resize((new_w, new_h), resample=Image.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def read_captions(folder: str, caption_column: str) -> dict[str, str]:
+    """Captions from metadata.jsonl (the datasets imagefolder convention) or sidecar .txt files."""
+    captions = {}
+    metadata = os.path.join(folder, "metadata.jsonl")
+    if os.path.exists(metadata):
+        with open(metadata) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        captions[row["file_name"]] = row[caption_column]
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})")
+    for name in os.listdir(folder):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() == ".txt" and stem:
+            for image_name in os.listdir(folder):
+                if os.path.splitext(image_name)[0] == stem and os.path.splitext(image_name)[1].lower() in IMAGE_EXTENSIONS:
+                    with open(os.path.join(folder, name)) as f:
+                        captions.setdefault(image_name, f.read().strip())
+    return captions
+
+
+def read_examples(args) -> list[tuple[str, Image.Image, str | None]]:
+    """(name, RGB image at its original size, caption or None) for every training image; a
+    caption must name the placeholder."""
+    examples = _read_images_and_captions(args)
+    for name, _, caption in examples:
+        if caption is not None and args.placeholder_token not in caption:
+            raise UsageError(f"the caption of {name} does not contain {args.placeholder_token}: {caption!r}")
+    return examples
+
+
+def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]:
+    if args.dataset_name is not None:
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(args.dataset_name, split="train")
+        except Exception as e:
+            raise UsageError(f"could not load dataset {args.dataset_name!r}: {e}")
+        if args.image_column not in dataset.column_names:
+            raise UsageError(f"dataset has no column {args.image_column!r} (columns: {dataset.column_names}); set --image_column")
+        has_captions = args.caption_column in dataset.column_names
+        return [(f"{args.dataset_name}[{i}]", to_rgb(row[args.image_column]), row[args.caption_column] if has_captions else None) for i, row in enumerate(dataset)]
+
+    folder = args.train_data_dir
+    if not os.path.isdir(folder):
+        raise UsageError(f"--train_data_dir {folder} is not a folder; point it at a folder of images")
+    names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    if not names:
+        raise UsageError(f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-20 photos of the concept")
+    captions = read_captions(folder, args.caption_column)
+    examples = []
+    for name in names:
+        try:
+            with Image.open(os.path.join(folder, name)) as image:
+                image.load()
+                examples.append((name, to_rgb(image), captions.get(name)))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UsageError(f"cannot read image {os.path.join(folder, name)} ({e}); fix or remove it")
+    return examples
+
+
+def prepare_examples(args, raw, token_stride: int) -> tuple[list[Example], list[ScaleSchedule]]:
+    """Resizes every image to its template's pixel size."""
+    examples, schedules = [], []
+    for name, image, caption in raw:
+        template = 1.0 if args.aspect_ratio == "square" else nearest_template(image.height / image.width)
+        schedule = get_schedule(template, args.pn)
+        height, width = schedule.image_size(token_stride)
+        if image.width < width or image.height < height:
+            logger.warning(f"{name} is {image.width}x{image.height}, smaller than the training size {width}x{height}; it is upscaled")
+        examples.append(Example(name, resize_to(image, (height, width), args.center_crop), caption))
+        schedules.append(schedule)
+    return examples, schedules
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+class RepeatedIndices(Dataset):
+    """Item i is example i % n; the loop looks everything up by that index."""
+
+    def __init__(self, num_examples: int, repeats: int):
+        self.num_examples, self.repeats = num_examples, repeats
+
+    def __len__(self):
+        return self.num_examples * self.repeats
+
+    def __getitem__(self, i):
+        return i % self.num_examples
+
+
+class SameShapeBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches whose images share one template (one tensor shape), reshuffled from
+    (seed, epoch) so that a resumed run sees exactly the batches the original run saw."""
+
+    def __init__(self, dataset: RepeatedIndices, schedule_keys: list, batch_size: int, seed: int):
+        self.dataset, self.keys, self.batch_size, self.seed, self.epoch = dataset, schedule_keys, batch_size, seed, 0
+
+    def use_epoch(self, epoch: int):
+        # not `set_epoch`: accelerate calls that with its own iteration count, which restarts
+        # at 0 in a resumed run
+        self.epoch = epoch
+
+    def _batches(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        buckets: dict = {}
+        for i in torch.randperm(len(self.dataset), generator=g).tolist():
+            buckets.setdefault(self.keys[i % self.dataset.num_examples], []).append(i)
+        batches = [b[k : k + self.batch_size] for b in buckets.values() for k in range(0, len(b), self.batch_size)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[k] for k in order]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return len(self._batches())
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def concept_of(args, learned: LearnedEmbeddings, tokens: list[str], tokenizer, step: int) -> LearnedConcept:
+    metadata = {
+        "initializer_token": args.initializer_token,
+        "num_vectors": len(tokens),
+        "learnable_property": args.learnable_property,
+        "base_model": args.pretrained_model_name_or_path,
+        "model_type": args.model_type,
+        "text_encoder": args.text_encoder_name_or_path or "google/flan-t5-xl",
+        "tokenizer": {"class": type(tokenizer).__name__, "legacy": True, "model_max_length": tokenizer.model_max_length, "added_token": "lstrip=False rstrip=False normalized=False special=False"},
+        "pn": args.pn,
+        "step": step,
+    }
+    return LearnedConcept(args.placeholder_token, tokens, learned.weight.detach().float().cpu(), metadata)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_image(image: Image.Image, path: str) -> None:
+    image.save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+def save_model_card(args, repo_id: str, grid_name: str | None) -> None:
+    card_data = ModelCardData(
+        license="mit",
+        base_model=args.pretrained_model_name_or_path,
+        tags=["infinity", "text-to-image", "textual-inversion", "flan-t5"],
+        instance_prompt=args.placeholder_token,
+    )
+    placeholder = args.placeholder_token
+    grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# Textual inversion: {placeholder} for Infinity ({args.model_type})
+
+A learned flan-T5 token embedding for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path}):
+write **{placeholder}** in a prompt to get the concept ({args.learnable_property}, initialised from
+"{args.initializer_token}", {args.num_vectors} vector(s), trained at {args.pn}).
+{grid}
+## Use
+
+```bash
+python infer_textual_inversion.py --pretrained_model_name_or_path {args.pretrained_model_name_or_path} \\
+    --model_type {args.model_type} --learned_embeds {repo_id} \\
+    --prompt "a photo of a {placeholder} on the beach" --num_images 4 --seed 0
+```
+
+`learned_embeds.safetensors` holds `{{"{placeholder}": (num_vectors, 2048)}}` with metadata naming the
+tokens, the initializer and the base model; `token_identifier.txt` and `type_of_concept.txt` name the
+trigger token and the kind of concept. Made with
+[infinity-textual-inversion](https://github.com/) (`train_textual_inversion_infinity.py`).
+"""
+    path = os.path.join(args.output_dir, "README.md")
+    ModelCard(content).save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Removes the oldest checkpoints so that `keep` remain once the next one is written."""
+    checkpoints = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()), key=lambda d: int(d.split("-")[1]))
+    for old in checkpoints[: max(0, len(checkpoints) - keep + 1)]:
+        logger.info(f"removing checkpoint {old} (--checkpoints_total_limit {keep})")
+        shutil.rmtree(os.path.join(output_dir, old))
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    done = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(output_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args):
+    # 1. Read and check the data before anything is loaded or written.
+    raw_examples = read_examples(args)
+
+    # 2. Accelerator, logging, seed.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if not accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_error()
+    if args.seed is None:
+        args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        logger.info(f"no --seed given; using {args.seed}")
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+
+    # 3. Frozen models: flan-T5 and the Infinity blocks in the weight dtype, the VAE in float32.
+    pipe = InfinityPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        model_type=args.model_type,
+        text_encoder_name_or_path=args.text_encoder_name_or_path,
+        torch_dtype=weight_dtype,
+        device=accelerator.device,
+        revision=args.revision,
+    )
+    tokenizer, text_encoder, transformer, vae = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.vae
+
+    # 4. The placeholder tokens and their trainable vectors.
+    tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
+    token_ids = add_placeholder_tokens(tokenizer, tokens)
+    ensure_embedding_rows(text_encoder, len(tokenizer))
+    embedding = text_encoder.get_input_embeddings()
+    learned = LearnedEmbeddings(token_ids, initializer_vectors(tokenizer, embedding.weight, args.initializer_token, args.num_vectors)).to(accelerator.device)
+    vocab_norm = mean_embedding_norm(embedding.weight, len(tokenizer) - len(tokens))
+    concept_tokens = {args.placeholder_token: tokens}
+
+    # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
+    #    learned vectors are kept.
+    if args.gradient_checkpointing:
+        transformer.gradient_checkpointing = True
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        text_encoder.train()  # HF checkpoints only in train mode; dropout is switched off instead
+        for module in text_encoder.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+    # 6. Data: images at their templates' sizes; VAE features computed once per image and flip.
+    examples, schedules = prepare_examples(args, raw_examples, pipe.token_stride)
+    patchify = transformer.config.spatial_patchify
+    pixels = [[to_tensor(e.image)] + ([to_tensor(ImageOps.mirror(e.image))] if args.random_flip else []) for e in examples]
+    cached_features = None
+    if args.cache_latents:
+        with torch.no_grad():
+            cached_features = [
+                [vae.encode(p.unsqueeze(0).to(accelerator.device))[0] for p in variants]
+                for variants in tqdm(pixels, desc="Encoding images", disable=not accelerator.is_local_main_process)
+            ]
+    dataset = RepeatedIndices(len(examples), args.repeats)
+    batch_sampler = SameShapeBatchSampler(dataset, [s.grids for s in schedules], args.train_batch_size, args.seed)
+    train_dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
+
+    # 7. Optimizer and schedule.
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(learned.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = transformers.get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles} if args.lr_scheduler == "cosine_with_restarts" else None,
+    )
+    learned, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(learned, optimizer, train_dataloader, lr_scheduler)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # per-step randomness (caption templates, flips, self-correction) from one generator per
+    # process, saved with each checkpoint
+    step_rng = torch.Generator().manual_seed(args.seed + accelerator.process_index)
+
+    # 8. Hub repo and trackers (the first writes: everything above has been checked).
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
+
+    # 9. Resume.
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
+        if path is None or not os.path.isdir(path):
+            if args.resume_from_checkpoint != "latest":
+                raise UsageError(f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder or 'latest'")
+            accelerator.print("No checkpoint found; starting a new training run.")
+        else:
+            accelerator.print(f"Resuming from {path}")
+            accelerator.load_state(path)
+            step_rng.set_state(load_file(os.path.join(path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
+            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
+            first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+            skip_batches = steps_into_epoch * args.gradient_accumulation_steps
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running textual inversion *****")
+    logger.info(f"  Images = {len(examples)} (x{args.repeats} repeats), tokens = {tokens}, initializer = {args.initializer_token!r}")
+    logger.info(f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}")
+
+    def save_embedding(path: str, step: int) -> None:
+        save_learned_embeds(path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, step))
+
+    last_grid = None
+
+    def run_validation(step: int) -> None:
+        nonlocal last_grid
+        if not args.validation_prompt or not accelerator.is_main_process:
+            return
+        write_rows(text_encoder, token_ids, accelerator.unwrap_model(learned).weight)  # as inference will
+        was_training = text_encoder.training
+        text_encoder.eval()
+        prompts = [expand_placeholders(p, concept_tokens) for p in args.validation_prompt]
+        images = [generate_images(pipe, p, args.num_validation_images, seed=args.seed, schedule=get_schedule(1.0, args.pn)) for p in prompts]
+        text_encoder.train(was_training)
+        grid = make_image_grid([im for row in images for im in row], rows=len(prompts))
+        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+        last_grid = os.path.join("validation", f"step-{step:06d}.png")
+        save_image(grid, os.path.join(args.output_dir, last_grid))
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompt))]}, step=step)
+            elif tracker.name == "mlflow":
+                tracker.tracker.log_image(grid, f"validation/step-{step:06d}.png")
+
+    if global_step == 0:
+        run_validation(0)
+    last_good = accelerator.unwrap_model(learned).weight.detach().clone()
+
+    # 10. The loop.
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    for epoch in range(first_epoch, args.num_train_epochs):
+        batch_sampler.use_epoch(epoch)  # accelerate iterates this same sampler object
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
+        for indices in batches:
+            with accelerator.accumulate(learned):
+                indices = indices.tolist()
+                schedule = schedules[indices[0]]
+                flips = torch.randint(0, 2, (len(indices),), generator=step_rng).tolist() if args.random_flip else [0] * len(indices)
+                with torch.no_grad():
+                    if cached_features is not None:
+                        features = torch.stack([cached_features[i][f] for i, f in zip(indices, flips)])
+                    else:
+                        features = vae.encode(torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device))
+                    inputs = make_training_inputs(features, schedule, patchify, args.self_correction_strength, args.self_correction_scales, step_rng)
+                captions = []
+                for i in indices:
+                    if examples[i].caption is not None:
+                        captions.append(examples[i].caption)
+                    else:
+                        templates = TEMPLATES[args.learnable_property]
+                        captions.append(templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(args.placeholder_token))
+                captions = [expand_placeholders(c, concept_tokens) for c in captions]
+                text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=lambda ids: learned(ids, embedding))
+                logits = transformer(text, inputs.x_tokens, schedule)
+                loss = bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
+                if not torch.isfinite(loss):
+                    if accelerator.is_main_process:  # the vectors that last gave a finite loss
+                        accelerator.unwrap_model(learned).weight.data.copy_(last_good)
+                        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
+                    raise UsageError(f"the loss became {loss.item()} at step {global_step}; the last good embedding is in {args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)")
+                last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress_bar.update(1)
+            vector_norm = accelerator.unwrap_model(learned).weight.detach().norm(dim=-1).mean().item()
+            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "vector_norm": vector_norm, "vocab_mean_norm": vocab_norm}
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0:
+                    save_embedding(os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    if args.checkpoints_total_limit is not None:
+                        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, global_step, step_rng)
+            if global_step % args.validation_steps == 0:
+                run_validation(global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    # 11. Final files, then the hub.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
+        write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
+        write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
+        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid)
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message=f"Textual inversion {args.placeholder_token}, step {global_step}",
+                allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"] + ([last_grid] if last_grid else []),
+                token=args.hub_token,
+            )
+    accelerator.end_training()
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator) -> None:
+    """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
+    every process, written to a temporary folder and renamed when complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        save_file({f"process_{i}": s for i, s in enumerate(states)}, os.path.join(tmp, STEP_RNG_NAME))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info(f"saved state to {final}")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (UsageError, ConceptError, ModelFilesNotFound, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
