@@ -108,6 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     parser.add_argument("--self_correction_strength", type=float, default=0.0, help="Bitwise self-correction: flip up to this fraction of input bits per scale (the released recipe used 0.3); 0 = plain teacher forcing.")
     parser.add_argument("--self_correction_scales", type=int, default=13, help="Flip bits on this many coarsest scales.")
+    parser.add_argument("--train_scales", type=int, default=None, help="Train on the first K scales only (coarse scales carry a concept's identity; K=10 at 1M costs what 0.25M does). Default: all.")
     parser.add_argument("--reweight_loss_by_scale", action=argparse.BooleanOptionalAction, default=True, help="Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all tokens equally.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="bf16 runs the frozen T5 and Infinity blocks in bfloat16 (default: accelerate config).")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
@@ -132,6 +133,8 @@ def parse_args(argv=None):
         parser.error("--mixed_precision fp16 is refused: flan-T5 overflows in float16 (it was trained in bfloat16); use bf16 or no")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         parser.error("--hub_token with --report_to wandb would expose the token in the run's config; log in with `huggingface-cli login` instead")
+    if args.train_scales is not None and args.train_scales < 2:
+        parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
     for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -561,7 +564,8 @@ def main(args):
                         features = torch.stack([cached_features[i][f] for i, f in zip(indices, flips)])
                     else:
                         features = vae.encode(torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device))
-                    inputs = make_training_inputs(features, schedule, patchify, args.self_correction_strength, args.self_correction_scales, step_rng)
+                    inputs = make_training_inputs(features, schedule, patchify, args.self_correction_strength, args.self_correction_scales, step_rng, args.train_scales)
+                    schedule = schedule.prefix(args.train_scales or len(schedule))
                 captions = []
                 for i in indices:
                     if examples[i].caption is not None:

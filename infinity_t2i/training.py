@@ -25,18 +25,21 @@ def make_training_inputs(
     self_correction_strength: float = 0.0,
     self_correction_scales: int = 13,
     generator: torch.Generator | None = None,
+    num_scales: int | None = None,
 ) -> TrainingInputs:
     """Inputs and labels from VAE features (B, d, H, W).
 
     Bitwise self-correction (the released recipe: strength 0.3 on the first 13 scales) flips a
     random fraction of each scale's bits before they are accumulated, so later scales learn to
     correct earlier mistakes; labels always stay the clean bits of the (corrupted) residual.
-    Strength 0 is plain teacher forcing.
+    Strength 0 is plain teacher forcing. `num_scales` keeps only the first scales (the official
+    `always_training_scales`): the transformer then runs on `schedule.prefix(num_scales)`.
     """
     flip = random_bit_flip(self_correction_strength, self_correction_scales, generator)
     rq = residual_quantize(features, schedule.vae_grids(spatial_patchify), flip)
-    x_tokens = torch.cat([latents_to_tokens(x, spatial_patchify) for x in rq.inputs], dim=1)
-    labels = torch.cat([bits_to_tokens(b, spatial_patchify) for b in rq.labels], dim=1)
+    kept = len(schedule) if num_scales is None else min(num_scales, len(schedule))
+    x_tokens = torch.cat([latents_to_tokens(x, spatial_patchify) for x in rq.inputs[: kept - 1]], dim=1)
+    labels = torch.cat([bits_to_tokens(b, spatial_patchify) for b in rq.labels[:kept]], dim=1)
     return TrainingInputs(x_tokens, labels)
 
 

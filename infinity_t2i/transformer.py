@@ -108,6 +108,17 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lengths: Sequence[int]) -> torch.Tensor:
+    """Softmax attention (scale 1) where the queries of each scale see every key up to the end of
+    their own scale: the block-causal mask, computed without a mask, so that every call can run
+    a dense (flash) kernel and no masked-out score is ever computed. q, k, v: B, H, L, c."""
+    outs, end = [], 0
+    for n in scale_lengths:
+        start, end = end, end + n
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end], scale=1.0))
+    return torch.cat(outs, dim=2)
+
+
 class SelfAttention(nn.Module):
     """Cosine attention: q and k are l2-normalised, q is scaled per head by a learned factor
     (at most 100), then 2D RoPE; the softmax scale is 1."""
@@ -122,8 +133,10 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
         self.proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, x, rope, attn_mask=None, kv_cache: KVCache | None = None):
-        # x: B, n, C (block dtype) | rope: 2, n, c/2 | attn_mask: n, n bool or None
+    def forward(self, x, rope, scale_lengths: Sequence[int] | None = None, kv_cache: KVCache | None = None):
+        # x: B, n, C (block dtype) | rope: 2, n, c/2
+        # Teacher forcing passes the tokens of every scale with their `scale_lengths`; sampling
+        # passes one scale at a time with a cache of the earlier scales (no mask needed).
         B, n, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, n, 3, self.num_heads, self.head_dim)
@@ -133,7 +146,9 @@ class SelfAttention(nn.Module):
         k = apply_rope(F.normalize(k.float(), dim=-1, eps=1e-12), rope).to(v.dtype)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            out = block_causal_attention(q, k, v, scale_lengths)
         return self.proj(out.transpose(1, 2).reshape(B, n, C))
 
 
@@ -168,11 +183,11 @@ class CrossAttnBlock(nn.Module):
         self.ffn = FFN(C, cfg.mlp_hidden)
         self.ca_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
 
-    def forward(self, x, c: Conditioning, rope, attn_mask=None, kv_cache=None):
+    def forward(self, x, c: Conditioning, rope, scale_lengths=None, kv_cache=None):
         # x: B, n, C float32 residual stream
         dtype = self.ffn.fc1.weight.dtype
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + c.ada).unbind(2)  # B, 1, C each
-        x = x + self.sa(modulate(x, scale1, shift1, self.eps).to(dtype), rope, attn_mask, kv_cache).float() * gamma1
+        x = x + self.sa(modulate(x, scale1, shift1, self.eps).to(dtype), rope, scale_lengths, kv_cache).float() * gamma1
         ca_in = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
         x = x + self.ca(ca_in.to(dtype), c.text_kv, c.text_mask).float()
         return x + self.ffn(modulate(x, scale2, shift2, self.eps).to(dtype)).float() * gamma2
@@ -222,7 +237,7 @@ class InfinityTransformer(nn.Module):
         n = cfg.blocks_per_chunk
         self.block_chunks = nn.ModuleList(BlockChunk(blocks[i : i + n]) for i in range(0, cfg.depth, n))
         self.gradient_checkpointing = False
-        self._tables: dict = {}  # rope tables and attention masks per (schedule, device)
+        self._tables: dict = {}  # rope tables per (schedule, device)
 
     # ---- structure -----------------------------------------------------------------------------
     @property
@@ -269,20 +284,12 @@ class InfinityTransformer(nn.Module):
             self._tables[key] = rope_table(schedule, self.config.head_dim).to(device)
         return self._tables[key]
 
-    def block_causal_mask(self, schedule: ScaleSchedule, device) -> torch.Tensor:
-        """(L, L) bool: token i sees token j iff j's scale is not finer than i's."""
-        key = ("mask", schedule.grids, str(device))
-        if key not in self._tables:
-            scale_of = torch.repeat_interleave(torch.arange(len(schedule)), torch.tensor(schedule.lengths))
-            self._tables[key] = (scale_of[None, :] <= scale_of[:, None]).to(device)
-        return self._tables[key]
-
     def run_blocks(
         self,
         x: torch.Tensor,
         c: Conditioning,
         rope: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        scale_lengths: Sequence[int] | None = None,
         kv_caches: Sequence[KVCache] | None = None,
         after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -290,9 +297,9 @@ class InfinityTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = kv_caches[i] if kv_caches is not None else None
             if checkpoint:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, rope, attn_mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, rope, scale_lengths, cache, use_reentrant=False)
             else:
-                x = block(x, c, rope, attn_mask, cache)
+                x = block(x, c, rope, scale_lengths, cache)
             if after_block is not None:
                 x = after_block(i, x)
         return x
@@ -320,5 +327,5 @@ class InfinityTransformer(nn.Module):
         x = torch.cat([self.start_tokens(c), self.embed_tokens(x_tokens)], dim=1)  # B, L, C
         scale_of = torch.repeat_interleave(torch.arange(len(schedule), device=x.device), torch.tensor(schedule.lengths, device=x.device))
         x = x + self.lvl_embed(scale_of)
-        x = self.run_blocks(x, c, self.rope(schedule, x.device), attn_mask=self.block_causal_mask(schedule, x.device))
+        x = self.run_blocks(x, c, self.rope(schedule, x.device), scale_lengths=schedule.lengths)
         return self.logits(x, c.cond)

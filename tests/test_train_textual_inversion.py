@@ -291,3 +291,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, con
     # step 3 saw the vectors after two updates and failed; step 2's (after one update) were good
     assert torch.equal(kept, load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
     assert not torch.equal(kept, load_file(out / "learned_embeds-steps-2.safetensors")[PLACEHOLDER])
+
+
+def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    lengths = []
+    real_loss = train.bitwise_loss
+
+    def spy(logits, labels, schedule, reweight):
+        lengths.append((logits.shape[1], labels.shape[1], schedule.total_len))
+        return real_loss(logits, labels, schedule, reweight)
+
+    monkeypatch.setattr(train, "bitwise_loss", spy)
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "2", "--train_scales", "3")
+    assert lengths == [(21, 21, 21)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales

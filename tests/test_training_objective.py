@@ -47,3 +47,12 @@ def test_zero_strength_is_plain_teacher_forcing():
     a = make_training_inputs(features, schedule, False)
     b = make_training_inputs(features, schedule, False, 0.0, 13, torch.Generator().manual_seed(5))
     assert torch.equal(a.x_tokens, b.x_tokens) and torch.equal(a.labels, b.labels)
+
+
+def test_training_on_the_first_scales_keeps_their_inputs_and_labels():
+    features = torch.randn(2, 4, 8, 8)
+    schedule = get_schedule(1.0, "0.06M").prefix(5)
+    full = make_training_inputs(features, schedule, False)
+    coarse = make_training_inputs(features, schedule, False, num_scales=3)
+    n = schedule.prefix(3).total_len
+    assert torch.equal(coarse.labels, full.labels[:, :n]) and torch.equal(coarse.x_tokens, full.x_tokens[:, : n - 1])
