@@ -638,6 +638,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_r
     tmp = final + ".tmp"
     states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
         save_file({f"process_{i}": s for i, s in enumerate(states)}, os.path.join(tmp, STEP_RNG_NAME))
         if os.path.exists(final):

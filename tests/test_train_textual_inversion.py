@@ -304,3 +304,18 @@ def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_d
     monkeypatch.setattr(train, "bitwise_loss", spy)
     run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "2", "--train_scales", "3")
     assert lengths == [(21, 21, 21)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales
+
+
+def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
+    """DDP over two CPU processes (gloo): the main process alone writes, checkpoints hold the
+    random state of both processes."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571", SCRIPT,
+           *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("DistributedType.MULTI_CPU") == 2
+    assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
+    rng = load_file(out / "checkpoint-2" / "step_rng.safetensors")
+    assert set(rng) == {"process_0", "process_1"} and not torch.equal(rng["process_0"], rng["process_1"])
+    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (1, 128)
