@@ -1,0 +1,129 @@
+"""Placeholder tokens in flan-T5: tokenization, spare rows, initialisation, swapping vectors in."""
+
+import pytest
+import torch
+
+from infinity_t2i.pipeline import load_text_encoder
+from infinity_t2i.text import SPACE_PIECE, encode_prompt, tokenize
+from infinity_t2i.textual_inversion import (
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    ConceptError,
+    LearnedEmbeddings,
+    add_placeholder_tokens,
+    ensure_embedding_rows,
+    expand_placeholders,
+    initializer_vectors,
+    placeholder_tokens,
+    write_rows,
+)
+
+
+@pytest.fixture
+def t5(tiny_pipeline_dir):
+    return load_text_encoder(f"{tiny_pipeline_dir}/text_encoder", torch.float32, "cpu")
+
+
+def test_placeholder_tokens_and_expansion():
+    assert placeholder_tokens("<cat>", 1) == ["<cat>"]
+    tokens = placeholder_tokens("<cat>", 3)
+    assert tokens == ["<cat>", "<cat>_1", "<cat>_2"]
+    assert expand_placeholders("a <cat> and a <cat>, sleeping", {"<cat>": tokens}) == "a <cat> <cat>_1 <cat>_2 and a <cat> <cat>_1 <cat>_2, sleeping"
+    # prompts name the placeholder only; its numbered tokens are never expanded again
+    assert expand_placeholders("a <cat>_1", {"<cat>": tokens}) == "a <cat>_1"
+    assert expand_placeholders("a <cat>", {"<cat>": ["<cat>"]}) == "a <cat>"
+
+
+def test_known_words_are_refused(t5):
+    tokenizer, _ = t5
+    with pytest.raises(ConceptError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_tokens(tokenizer, ["dog"])
+    with pytest.raises(ConceptError, match="one word without spaces"):
+        add_placeholder_tokens(tokenizer, ["my dog"])
+    add_placeholder_tokens(tokenizer, ["<mine>"])
+    with pytest.raises(ConceptError, match="already in the tokenizer's vocabulary"):
+        add_placeholder_tokens(tokenizer, ["<mine>"])
+
+
+def test_new_tokens_take_spare_rows_and_the_matrix_never_shrinks(t5):
+    tokenizer, text_encoder = t5
+    rows = text_encoder.get_input_embeddings().num_embeddings
+    vocab = len(tokenizer)
+    assert rows == vocab + 28  # like flan-t5-xl: 32128 rows, 32100 tokens
+    ids = add_placeholder_tokens(tokenizer, placeholder_tokens("<cat>", 4))
+    assert ids == list(range(vocab, vocab + 4))
+    ensure_embedding_rows(text_encoder, len(tokenizer))
+    assert text_encoder.get_input_embeddings().num_embeddings == rows  # spare rows reused, not cut
+    ensure_embedding_rows(text_encoder, rows + 5)
+    assert text_encoder.get_input_embeddings().num_embeddings == rows + 5
+
+
+def test_initializer_rule(t5):
+    tokenizer, text_encoder = t5
+    weight = text_encoder.get_input_embeddings().weight
+    one = tokenizer.convert_tokens_to_ids(SPACE_PIECE + "dog")
+    assert torch.equal(initializer_vectors(tokenizer, weight, "dog", 3), weight[one].expand(3, -1))
+    pieces = [i for i in tokenizer("garden", add_special_tokens=False).input_ids if i != tokenizer.convert_tokens_to_ids(SPACE_PIECE)]
+    assert len(pieces) > 1
+    assert torch.equal(initializer_vectors(tokenizer, weight, "garden", len(pieces)), weight[pieces])
+    assert torch.allclose(initializer_vectors(tokenizer, weight, "garden", 1), weight[pieces].mean(0, keepdim=True))
+    with pytest.raises(ConceptError, match="unknown to the tokenizer"):
+        initializer_vectors(tokenizer, weight, "日本", 1)
+
+
+@pytest.mark.parametrize("template", OBJECT_TEMPLATES + STYLE_TEMPLATES + ["{}, on a table.", "a {}: close up", "({}) in snow"])
+def test_templated_prompts_tokenize_without_stray_boundary_pieces(t5, template):
+    tokenizer, _ = t5
+    tokens = placeholder_tokens("<cat>", 2)
+    ids = add_placeholder_tokens(tokenizer, tokens)
+    prompt = expand_placeholders(template.format("<cat>"), {"<cat>": tokens})
+    got = tokenize(tokenizer, [prompt])[0][0].tolist()
+    k = got.index(ids[0])
+    assert got[k : k + 2] == ids  # both tokens, adjacent, once
+    space = tokenizer.convert_tokens_to_ids(SPACE_PIECE)
+    assert space not in (got[k - 1] if k else None, got[k + 2])
+    # the text around the tokens tokenizes as it does around a word: before as a prefix on its
+    # own, after as attached to the word (", on a table." -> ",", "\u2581on", ...)
+    before, after = template.split("{}")
+    assert got[:k] == tokenizer(before.rstrip(), add_special_tokens=False).input_ids
+    word = tokenizer("dog" + after).input_ids
+    assert word[0] == tokenizer.convert_tokens_to_ids(SPACE_PIECE + "dog") and got[k + 2 :] == word[1:]
+
+
+def test_prompts_without_learned_tokens_tokenize_as_the_plain_tokenizer(t5):
+    tokenizer, _ = t5
+    prompts = ["a photo of a dog, sleeping.", "x"]
+    plain = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    add_placeholder_tokens(tokenizer, ["<cat>"])
+    assert torch.equal(tokenize(tokenizer, prompts)[0], plain)
+
+
+def test_swapped_in_vectors_equal_written_rows_and_padding_changes_nothing(t5):
+    tokenizer, text_encoder = t5
+    ids = add_placeholder_tokens(tokenizer, placeholder_tokens("<cat>", 2))
+    ensure_embedding_rows(text_encoder, len(tokenizer))
+    vectors = torch.randn(2, text_encoder.config.d_model)
+    learned = LearnedEmbeddings(ids, vectors)
+    embedding = text_encoder.get_input_embeddings()
+    prompts = ["a photo of a <cat> <cat>_1 on the beach", "a dog"]
+    with torch.no_grad():
+        swapped = encode_prompt(tokenizer, text_encoder, prompts, embed_tokens=lambda i: learned(i, embedding))
+        write_rows(text_encoder, ids, vectors)
+        written = encode_prompt(tokenizer, text_encoder, prompts)
+        input_ids, mask = tokenize(tokenizer, prompts)
+        padded = torch.nn.functional.pad(input_ids, (0, 512 - input_ids.shape[1]), value=tokenizer.pad_token_id)
+        full = text_encoder(input_ids=padded, attention_mask=torch.nn.functional.pad(mask, (0, 512 - mask.shape[1]))).last_hidden_state
+    assert torch.allclose(swapped.features, written.features, atol=1e-6)
+    real = written.mask
+    assert torch.allclose(written.features[real], full[:, : real.shape[1]][real], atol=1e-5)  # 512 padding: same rows
+
+
+def test_only_the_learned_vectors_receive_gradients(t5):
+    tokenizer, text_encoder = t5
+    ids = add_placeholder_tokens(tokenizer, ["<cat>"])
+    embedding = text_encoder.get_input_embeddings()
+    learned = LearnedEmbeddings(ids, torch.zeros(1, text_encoder.config.d_model))
+    text = encode_prompt(tokenizer, text_encoder, ["a <cat>", "a dog"], embed_tokens=lambda i: learned(i, embedding))
+    text.features[text.mask].sum().backward()
+    assert learned.weight.grad is not None and learned.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in text_encoder.parameters())
