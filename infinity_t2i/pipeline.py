@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -48,6 +48,15 @@ def resolve_preset(pretrained_model_name_or_path: str, model_type: str) -> Model
     if model_type not in MODEL_PRESETS:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {sorted(MODEL_PRESETS)}")
     return MODEL_PRESETS[model_type]
+
+
+def resolve_text_encoder(pretrained_model_name_or_path: str, text_encoder_name_or_path: str | None, preset: ModelPreset) -> str:
+    """The text encoder `from_pretrained` loads: the one named, else a local model folder's own
+    (bundled under the preset's name), else the preset's hub id (google/flan-t5-xl)."""
+    if text_encoder_name_or_path:
+        return text_encoder_name_or_path
+    bundled = os.path.join(pretrained_model_name_or_path, preset.text_encoder)
+    return bundled if os.path.isdir(bundled) else preset.text_encoder
 
 
 def load_transformer(path: str, preset: ModelPreset, block_dtype: torch.dtype, device) -> InfinityTransformer:
@@ -114,10 +123,7 @@ class InfinityPipeline:
         vae_path = resolve_model_file(pretrained_model_name_or_path, preset.vae_file, revision)
         transformer = load_transformer(transformer_path, preset, torch_dtype, device)
         vae = load_vae(vae_path, preset, device)
-        text_encoder_path = text_encoder_name_or_path or preset.text_encoder
-        bundled = os.path.join(pretrained_model_name_or_path, text_encoder_path)
-        if text_encoder_name_or_path is None and os.path.isdir(bundled):
-            text_encoder_path = bundled  # a local model folder may carry its own text encoder
+        text_encoder_path = resolve_text_encoder(pretrained_model_name_or_path, text_encoder_name_or_path, preset)
         tokenizer, text_encoder = load_text_encoder(text_encoder_path, torch_dtype, device, None)
         return cls(transformer, vae, tokenizer, text_encoder)
 
@@ -203,14 +209,25 @@ class InfinityPipeline:
         return InfinityPipelineOutput(images, out.bits if return_bits else None)
 
 
-def generate_images(pipe: InfinityPipeline, prompt: str, num_images: int, seed: int = 0, batch_size: int = 4, **settings) -> list[Image.Image]:
+def generate_images(
+    pipe: InfinityPipeline,
+    prompt: str,
+    num_images: int,
+    seed: int = 0,
+    batch_size: int = 4,
+    progress: Callable[[int], object] | None = None,
+    **settings,
+) -> list[Image.Image]:
     """`num_images` images of one prompt, image i drawn with seed `seed + i` whatever the batch
-    size: the generation the inference script and the training script's validation share."""
+    size: the generation the inference script and the training script's validation share.
+    `progress(n)` is called after each batch with its number of images (e.g. a tqdm's update)."""
     images = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
         generators = [torch.Generator(pipe.device).manual_seed(seed + start + k) for k in range(n)]
         images += pipe([prompt] * n, generator=generators, **settings).images
+        if progress is not None:
+            progress(n)
     return images
 
 

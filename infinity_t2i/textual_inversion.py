@@ -5,7 +5,7 @@ token `<my-dog>_i`, and prompts name only the placeholder, which `expand_placeho
 all its tokens. New tokens take flan-T5's spare embedding rows (32128 rows for 32100 tokens); the
 matrix only ever grows. During training the vectors live outside the frozen matrix as a float32
 parameter (`LearnedEmbeddings`); generation writes them into their rows (`write_rows`), which is
-what inference does after loading a file.
+what inference does after loading a file (`apply_concepts`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .loading import CheckpointError, read_state_dict
+from .loading import CheckpointError, ModelFilesNotFound, read_state_dict, resolve_model_file
 from .text import SPACE_PIECE
 
 FORMAT = "infinity-textual-inversion/1"
@@ -168,33 +169,118 @@ def _decode_metadata(raw: dict) -> dict:
     return out
 
 
-def load_learned_embeds(path: str, token: str | None = None) -> list[LearnedConcept]:
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+EMBEDDING_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """`owner/name` that is not a local path: how a hub repo id is told from a folder."""
+    return bool(HUB_REPO_ID.match(name)) and not os.path.exists(name) and not name.endswith(EMBEDDING_EXTENSIONS)
+
+
+def resolve_learned_embeds(name_or_path: str, revision: str | None = None) -> str:
+    """Local path of an embedding: the file itself, `learned_embeds.safetensors` in a folder, or
+    that file downloaded from a hub repo (at `revision`)."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, LEARNED_EMBEDS_NAME)
+        if not os.path.exists(path):
+            raise ModelFilesNotFound(f"{name_or_path} is a folder without {LEARNED_EMBEDS_NAME}; pass the embedding file itself or the folder the training script wrote")
+        return path
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if is_hub_repo_id(name_or_path):
+        return resolve_model_file(name_or_path, LEARNED_EMBEDS_NAME, revision)
+    raise ModelFilesNotFound(f"{name_or_path} does not exist: pass a .safetensors file, a folder with {LEARNED_EMBEDS_NAME}, or a hub repo id")
+
+
+def load_learned_embeds(name_or_path: str, token: str | None = None, revision: str | None = None) -> list[LearnedConcept]:
     """Reads this project's file, a diffusers file ({token: (C,) or (n, C)}) or an A1111
-    embedding (`string_to_param`). `token` renames the placeholder."""
-    if os.path.isdir(path):
-        path = os.path.join(path, LEARNED_EMBEDS_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a .safetensors file, a folder with {LEARNED_EMBEDS_NAME}, or a hub repo id")
+    embedding (`string_to_param`, or `emb_params` in safetensors), from a file, a folder or a
+    hub repo (`resolve_learned_embeds`). `token` renames the placeholder.
+
+    This project's files name their tokens in the metadata (`tokens`); those are the tokens the
+    concept gets, exactly as training added them. Pickled files load with weights_only=True only."""
+    path = resolve_learned_embeds(name_or_path, revision)
     metadata = {}
     if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            metadata = _decode_metadata(f.metadata())
-    state = read_state_dict(path)
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = _decode_metadata(f.metadata())
+        except Exception:  # not readable: read_state_dict below names the problem
+            metadata = {}
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as e:
+        if "pickled objects" not in str(e):
+            raise
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and is refused (only what torch.load(weights_only=True) rebuilds is read); convert it to .safetensors where you trust it") from e
+    stem = os.path.splitext(os.path.basename(path))[0]
     if "string_to_param" in state:  # A1111: {"string_to_param": {"*": (n, C)}, "name": ...}
-        vectors = next(iter(state["string_to_param"].values()))
-        name = state.get("name") if isinstance(state.get("name"), str) else os.path.splitext(os.path.basename(path))[0]
+        params = state["string_to_param"]
+        vectors = next(iter(params.values())) if isinstance(params, dict) and params else params
+        name = state.get("name") if isinstance(state.get("name"), str) and state.get("name") else stem
+        metadata = {"format": "a1111", **{k: state[k] for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name") if isinstance(state.get(k), (str, int))}}
         state = {f"<{name}>" if not name.startswith("<") else name: vectors}
+    elif set(state) == {"emb_params"}:  # A1111 safetensors: the name is the file's
+        metadata = {"format": "a1111", **metadata}
+        state = {f"<{stem}>": state["emb_params"]}
+    if not state:
+        raise CheckpointError(f"{path} holds no embedding")
     concepts = []
     for name, vectors in state.items():
-        if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
             raise CheckpointError(f"{path}: entry {name!r} is not an embedding of shape (C,) or (num_vectors, C)")
-        vectors = vectors.float().reshape(-1, vectors.shape[-1])
+        vectors = vectors.detach().float().reshape(-1, vectors.shape[-1])
+        if not torch.isfinite(vectors).all():
+            raise CheckpointError(f"{path}: entry {name!r} holds non-finite values (NaN or inf); use an earlier save")
         placeholder = token or name
-        tokens = placeholder_tokens(placeholder, vectors.shape[0])
+        stored = metadata.get("tokens")
+        if token is None and isinstance(stored, list) and stored and stored[0] == name:
+            if len(stored) != vectors.shape[0] or not all(isinstance(t, str) for t in stored):
+                raise CheckpointError(f"{path}: metadata names {len(stored)} tokens for {vectors.shape[0]} vectors of {name!r}")
+            tokens = list(stored)
+        else:
+            tokens = placeholder_tokens(placeholder, vectors.shape[0])
         concepts.append(LearnedConcept(placeholder, tokens, vectors, metadata, source=path))
     if token is not None and len(concepts) > 1:
         raise ConceptError(f"{path} holds {len(concepts)} embeddings; a single --token cannot rename them all")
     return concepts
+
+
+def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) -> dict[str, list[int]]:
+    """Makes prompts use the concepts: adds every concept's tokens to the tokenizer as training
+    added them, grows the embedding matrix if the spare rows run out, and writes the vectors into
+    the tokens' rows. Returns the token ids per placeholder. Everything is checked before
+    anything changes; rows of existing tokens are never touched, so prompts without a learned
+    token encode exactly as before."""
+    width = text_encoder.get_input_embeddings().embedding_dim
+    vocab = tokenizer.get_vocab()
+    seen: dict[str, str] = {}
+    for concept in concepts:
+        where = concept.source or concept.placeholder
+        size = concept.vectors.shape[-1]
+        if size != width:
+            raise ConceptError(
+                f"{where}: {concept.placeholder} has vectors of size {size}, but the text encoder's embeddings have size {width}; "
+                "it was made for another text encoder (Stable Diffusion's CLIP uses 768/1024/1280, Infinity's flan-T5-XL 2048)"
+            )
+        if concept.vectors.dim() != 2 or concept.vectors.shape[0] != len(concept.tokens):
+            raise ConceptError(f"{where}: {len(concept.tokens)} tokens for vectors of shape {tuple(concept.vectors.shape)}")
+        for token in concept.tokens:
+            if not token.strip() or any(c.isspace() for c in token):
+                raise ConceptError(f"{where}: token {token!r} must be one word without spaces, e.g. <my-dog>")
+            if token in seen:
+                raise ConceptError(f"{token!r} is loaded twice ({seen[token]} and {where}); give one of them another name (--token)")
+            if token in vocab or SPACE_PIECE + token in vocab:
+                raise ConceptError(f"{token!r} from {where} is already in the tokenizer's vocabulary; load it under a new name (--token <{token.strip('<>')}-concept>)")
+            seen[token] = where
+    ids = {}
+    for concept in concepts:
+        ids[concept.placeholder] = add_placeholder_tokens(tokenizer, concept.tokens)
+    ensure_embedding_rows(text_encoder, len(tokenizer))
+    for concept in concepts:
+        write_rows(text_encoder, ids[concept.placeholder], concept.vectors)
+    return ids
 
 
 def mean_embedding_norm(embedding_weight: torch.Tensor, num_tokens: int) -> float:
