@@ -1,0 +1,373 @@
+"""infer_textual_inversion.py on a tiny Infinity + tiny T5, on CPU.
+
+To stay fast, the scripts render (and the training script trains on) a 3-scale prefix of the
+0.06M schedule: 64x64 images."""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+import infer_textual_inversion as infer
+import train_textual_inversion_infinity as train
+from infinity_t2i.pipeline import InfinityPipeline, generate_images
+from infinity_t2i.resolution import get_schedule
+from infinity_t2i.text import SPACE_PIECE, tokenize
+from infinity_t2i.textual_inversion import LearnedConcept, apply_concepts, load_learned_embeds, save_learned_embeds
+
+PLACEHOLDER = "<blob>"
+WIDTH = 128  # the tiny T5's embedding size
+real_get_schedule = get_schedule
+
+
+def trimmed(h_div_w=1.0, pn="0.06M"):
+    return real_get_schedule(h_div_w, pn).prefix(3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models are too small for two threads: on shared, busy cores two threads wait on
+    each other and run up to 10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The script renders the first 3 scales of its schedule (the script has no flag for that)."""
+    monkeypatch.setattr(infer, "get_schedule", trimmed)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipeline_dir, tmp_path_factory):
+    """One step of the training script, with its validation of 2 images at the end."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "get_schedule", trimmed)
+        return _train(tiny_pipeline_dir, tmp_path_factory)
+
+
+def _train(tiny_pipeline_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("blob-images")
+    for i in range(2):
+        image = Image.new("RGB", (96, 80), (40 + 20 * i, 110, 190))
+        ImageDraw.Draw(image).ellipse((10, 12, 84, 70), fill=(240, 90, 30))
+        image.save(data / f"blob_{i}.png")
+    out = tmp_path_factory.mktemp("blob-ti")
+    train.main(train.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(data),
+        "--placeholder_token", PLACEHOLDER, "--initializer_token", "dog", "--output_dir", str(out),
+        "--pn", "0.06M", "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--learning_rate", "0.5",
+        "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_steps", "1", "--num_validation_images", "2",
+        "--checkpointing_steps", "1000", "--save_steps", "1000",
+    ]))  # fmt: skip
+    return out
+
+
+def write_concept(path, placeholder, num_vectors, seed=0, width=WIDTH, **metadata):
+    vectors = torch.randn(num_vectors, width, generator=torch.Generator().manual_seed(seed))
+    tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+    save_learned_embeds(str(path), LearnedConcept(placeholder, tokens, vectors, {"initializer_token": "cat", "model_type": "infinity_2b", **metadata}))
+    return vectors
+
+
+def infer_args(model_dir, embeds, output_dir, *extra):
+    embeds = [embeds] if isinstance(embeds, (str, os.PathLike)) else embeds
+    return [
+        "--pretrained_model_name_or_path", str(model_dir),
+        *[a for e in embeds for a in ("--learned_embeds", str(e))],
+        "--output_dir", str(output_dir),
+        "--pn", "0.06M",
+        "--seed", "0",
+        "--num_images", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(model_dir, embeds, output_dir, *extra):
+    return infer.main(infer.parse_args(infer_args(model_dir, embeds, output_dir, *extra)))
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def same(a, b):
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trained_embedding_swaps_in_only_at_the_placeholder(trained, tiny_pipeline_dir):
+    base = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    (concept,) = load_learned_embeds(str(trained))  # the folder the training script wrote
+    assert concept.tokens == [PLACEHOLDER] and concept.metadata["initializer_token"] == "dog" and concept.metadata["step"] == 1
+    ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, [concept])
+    assert ids == {PLACEHOLDER: [len(base.tokenizer)]}
+
+    prompt, reference = f"a photo of a {PLACEHOLDER} on the beach", "a photo of a dog on the beach"
+    learned_ids, mask = tokenize(pipe.tokenizer, [prompt])
+    dog_ids, dog_mask = tokenize(base.tokenizer, [reference])
+    assert learned_ids.shape == dog_ids.shape and torch.equal(mask, dog_mask)
+    (k,) = torch.nonzero(learned_ids[0] != dog_ids[0]).flatten().tolist()  # one position differs
+    assert learned_ids[0, k] == ids[PLACEHOLDER][0] and dog_ids[0, k] == base.tokenizer.convert_tokens_to_ids(SPACE_PIECE + "dog")
+
+    # the T5 input: the base model's rows everywhere, the learned vector at the placeholder
+    embeds = base.text_encoder.get_input_embeddings()(dog_ids)
+    embeds[0, k] = concept.vectors[0]
+    assert torch.equal(pipe.text_encoder.get_input_embeddings()(learned_ids), embeds)
+    expected = base.text_encoder(inputs_embeds=embeds, attention_mask=dog_mask).last_hidden_state
+    features = pipe.encode_prompt([prompt]).features
+    assert torch.equal(features, expected)
+    assert not torch.equal(features, base.encode_prompt([reference]).features)  # training moved it away from "dog"
+
+    # prompts without the token: bit-identical T5 features, alone and in a batch of other lengths
+    others = ["a photo of a dog", "a cat on the beach, <b> blob", "a close-up photo of a small dog in the garden"]
+    for batch in ([others[0]], others):
+        a, b = pipe.encode_prompt(batch), base.encode_prompt(batch)
+        assert torch.equal(a.features, b.features) and torch.equal(a.mask, b.mask)
+    rows, base_rows = pipe.text_encoder.get_input_embeddings().weight, base.text_encoder.get_input_embeddings().weight
+    untouched = torch.arange(rows.shape[0]) != ids[PLACEHOLDER][0]
+    assert rows.shape == base_rows.shape and torch.equal(rows[untouched], base_rows[untouched])
+
+
+def test_multi_vector_expansion_and_two_embeddings(trained, tiny_pipeline_dir, tmp_path):
+    duo = write_concept(tmp_path / "duo.safetensors", "<duo>", 3)
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    concepts = load_learned_embeds(str(trained)) + load_learned_embeds(str(tmp_path / "duo.safetensors"))
+    ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
+    n = len(pipe.tokenizer) - 4
+    assert ids == {PLACEHOLDER: [n], "<duo>": [n + 1, n + 2, n + 3]}
+    encoded = infer.expand_placeholders(f"a {PLACEHOLDER} and a <duo>, dog", {c.placeholder: c.tokens for c in concepts})
+    assert encoded == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog"
+    input_ids = tokenize(pipe.tokenizer, [encoded])[0][0].tolist()
+    k = input_ids.index(n + 1)
+    assert input_ids[k : k + 3] == [n + 1, n + 2, n + 3] and pipe.tokenizer.convert_ids_to_tokens(input_ids[k + 3]) == ","
+    embedding = pipe.text_encoder.get_input_embeddings()
+    assert torch.equal(embedding(torch.tensor(input_ids[k : k + 3])), duo)
+    assert torch.equal(embedding(torch.tensor([n]))[0], concepts[0].vectors[0])
+
+
+@pytest.mark.usefixtures("fast")
+def test_two_embeddings_in_one_run_and_the_per_token_scale(trained, tiny_pipeline_dir, tmp_path, monkeypatch):
+    duo = write_concept(tmp_path / "duo.safetensors", "<duo>", 3)
+    seen = []
+    original = InfinityPipeline.encode_prompt
+
+    def spy(self, prompts):
+        rows = self.text_encoder.get_input_embeddings().weight
+        seen.append((list(prompts), rows[-28:].clone()))  # the spare rows hold the learned tokens
+        return original(self, prompts)
+
+    monkeypatch.setattr(InfinityPipeline, "encode_prompt", spy)
+    settings = run(tiny_pipeline_dir, [trained, tmp_path / "duo.safetensors"], tmp_path / "out", "--cfg", "1",
+                   "--prompt", f"a {PLACEHOLDER} and a <duo>:0.5, dog", "--prompt", f"a <duo> on a {PLACEHOLDER}")  # fmt: skip
+    first, second = settings["prompts"]
+    assert first["encoded_prompt"] == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog" and first["scales"] == {"<duo>": 0.5}
+    assert second["encoded_prompt"] == f"a <duo> <duo>_1 <duo>_2 on a {PLACEHOLDER}" and second["scales"] == {}
+    assert first["concepts"] == [PLACEHOLDER, "<duo>"]
+    assert [e["placeholder"] for e in settings["embeddings"]] == [PLACEHOLDER, "<duo>"]
+    assert settings["embeddings"][1]["tokens"] == ["<duo>", "<duo>_1", "<duo>_2"]
+    (p1, rows1), (p2, rows2) = seen  # cfg 1: one encoding per prompt
+    assert p1 == [first["encoded_prompt"]] and p2 == [second["encoded_prompt"]]
+    blob = load_learned_embeds(str(trained))[0].vectors
+    assert torch.equal(rows1[:4], torch.cat([blob, 0.5 * duo]))  # <duo> scaled for the first prompt only
+    assert torch.equal(rows2[:4], torch.cat([blob, duo]))
+
+
+def test_token_scales_are_parsed_per_prompt():
+    parse = infer.parse_token_scales
+    assert parse(f"a {PLACEHOLDER}:0.8 dog", [PLACEHOLDER]) == (f"a {PLACEHOLDER} dog", {PLACEHOLDER: 0.8})
+    assert parse(f"a {PLACEHOLDER}:2.", [PLACEHOLDER]) == (f"a {PLACEHOLDER}.", {PLACEHOLDER: 2.0})
+    assert parse(f"{PLACEHOLDER}: a dog", [PLACEHOLDER]) == (f"{PLACEHOLDER}: a dog", {})
+    assert parse(f"a {PLACEHOLDER}:-.5 and {PLACEHOLDER}:-0.5", [PLACEHOLDER])[1] == {PLACEHOLDER: -0.5}
+    with pytest.raises(infer.UsageError, match="two scales"):
+        parse(f"a {PLACEHOLDER}:0.5 and a {PLACEHOLDER}:2", [PLACEHOLDER])
+
+
+def test_diffusers_and_a1111_files_load(tiny_pipeline_dir, tmp_path):
+    vector = torch.randn(WIDTH)
+    save_file({"<cat-toy>": vector}, tmp_path / "diffusers.safetensors")
+    torch.save({"<cat-toy>": vector.clone()}, tmp_path / "learned_embeds.bin")
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(torch.randn(2, WIDTH))},
+                "name": "kitty", "step": 100, "sd_checkpoint_name": "sd15"}, tmp_path / "kitty.pt")  # fmt: skip
+    save_file({"emb_params": torch.randn(1, WIDTH)}, tmp_path / "puppy.safetensors")
+    (diffusers,) = load_learned_embeds(str(tmp_path / "diffusers.safetensors"))
+    (pickled,) = load_learned_embeds(str(tmp_path / "learned_embeds.bin"))
+    (a1111,) = load_learned_embeds(str(tmp_path / "kitty.pt"))
+    (a1111_st,) = load_learned_embeds(str(tmp_path / "puppy.safetensors"))
+    (renamed,) = load_learned_embeds(str(tmp_path / "kitty.pt"), token="<tabby>")
+    assert diffusers.placeholder == "<cat-toy>" and diffusers.tokens == ["<cat-toy>"] and torch.equal(diffusers.vectors, vector[None])
+    assert torch.equal(pickled.vectors, diffusers.vectors)
+    assert a1111.tokens == ["<kitty>", "<kitty>_1"] and a1111.metadata == {"format": "a1111", "name": "kitty", "step": 100, "sd_checkpoint_name": "sd15"}
+    assert a1111_st.tokens == ["<puppy>"]
+    assert renamed.tokens == ["<tabby>", "<tabby>_1"] and torch.equal(renamed.vectors, a1111.vectors)
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, [diffusers, a1111, a1111_st])
+    assert [len(v) for v in ids.values()] == [1, 2, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast")
+def test_images_equal_the_training_scripts_validation(trained, tiny_pipeline_dir, tmp_path):
+    """Same generation code, same vectors, same batches: inference redraws the last validation
+    grid exactly."""
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, trained, out, "--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
+    grid = pixels(trained / "validation" / "step-000001.png")
+    assert grid.shape == (64, 128, 3)
+    for i in range(2):
+        image = pixels(out / f"a-photo-of-a-blob_seed0_{i}.png")
+        assert image.shape == (64, 64, 3) and np.array_equal(image, grid[:, 64 * i : 64 * (i + 1)])
+
+
+@pytest.mark.usefixtures("fast")
+def test_same_seed_same_images_other_seed_different(trained, tiny_pipeline_dir, tmp_path):
+    prompt = ("--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
+    for name, batch_size in (("a", "2"), ("again", "2"), ("b", "1")):
+        run(tiny_pipeline_dir, trained, tmp_path / name, *prompt, "--batch_size", batch_size)
+    run(tiny_pipeline_dir, trained, tmp_path / "c", "--prompt", f"a photo of a {PLACEHOLDER}", "--seed", "1", "--batch_size", "1")
+
+    def images(name, seed=0, n=2):
+        return [pixels(tmp_path / name / f"a-photo-of-a-blob_seed{seed}_{i}.png").astype(int) for i in range(n)]
+
+    a, again, b, (c,) = images("a"), images("again"), images("b"), images("c", seed=1, n=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))  # same seed, same images
+    # another batch size draws the same bits; batched float arithmetic may round a pixel apart
+    assert all(np.abs(x - y).max() <= 1 for x, y in zip(a, b))
+    assert np.array_equal(c, b[1])  # image i is drawn with seed + i
+    assert np.abs(c - b[0]).mean() > 5  # another seed, another image
+
+
+@pytest.mark.usefixtures("fast")
+def test_files_grids_and_settings_are_written(trained, tiny_pipeline_dir, tmp_path, capsys):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"\n{PLACEHOLDER} in a garden\n\n")
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, trained, out, "--prompt", f"A photo of a {PLACEHOLDER} on the beach", "--prompt_file", str(prompt_file),
+        "--num_images", "3", "--batch_size", "2", "--h_div_w", "0.52", "--compare", "--negative_prompt", "blurry")  # fmt: skip
+    captured = capsys.readouterr()
+    slugs = ["a-photo-of-a-blob-on-the-beach", "blob-in-a-garden"]
+    expected = {f"{s}_seed0_{i}.png" for s in slugs for i in range(3)} | {f"{s}_{kind}.png" for s in slugs for kind in ("grid", "compare")}
+    assert set(os.listdir(out)) == expected | {"settings.json"}
+    size = (64, 32)  # (w, h): h/w 0.52 -> the 1:2 template, 3 scales
+    assert Image.open(out / f"{slugs[0]}_seed0_0.png").size == size
+    assert Image.open(out / f"{slugs[0]}_grid.png").size == (3 * size[0], size[1])  # 3 images: one row
+    assert Image.open(out / f"{slugs[0]}_compare.png").size == (2 * size[0], 3 * size[1])  # a row per seed
+    compare = pixels(out / f"{slugs[0]}_compare.png")
+    assert np.array_equal(compare[size[1] : 2 * size[1], : size[0]], pixels(out / f"{slugs[0]}_seed0_1.png"))
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["args"]["num_images"] == 3 and settings["args"]["seed"] == 0 and settings["args"]["compare"]
+    assert settings["h_div_w_template"] == 0.5 and settings["image_size"] == [32, 64] and settings["dtype"] == "float32"
+    assert settings["sampling"] == {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97, "cfg_insertion_layer": 0, "bit_sampling": settings["sampling"]["bit_sampling"]}
+    (embedding,) = settings["embeddings"]
+    assert embedding["metadata"]["base_model"] == str(tiny_pipeline_dir) and embedding["metadata"]["initializer_token"] == "dog"
+    assert embedding["file"] == str(trained / "learned_embeds.safetensors") and embedding["tokens"] == [PLACEHOLDER]
+    first = settings["prompts"][0]
+    assert first["images"] == [f"{slugs[0]}_seed0_{i}.png" for i in range(3)] and first["seeds"] == [0, 1, 2]
+    assert first["compare_prompt"] == "A photo of a dog on the beach" and first["negative_prompt"] == "blurry"
+    assert settings["prompts"][1]["prompt"] == f"{PLACEHOLDER} in a garden"
+    assert "Images: 100%" in captured.err and "12/12" in captured.err  # 2 prompts x 3 images, twice with --compare
+    summary = captured.out.strip().splitlines()[-1]
+    assert "6 image(s) of 2 prompt(s)" in summary and "2 comparison grid(s)" in summary and str(out) in summary
+
+
+@pytest.mark.usefixtures("fast")
+def test_a_prompt_without_learned_tokens_renders_as_the_base_model(trained, tiny_pipeline_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, trained, out, "--prompt", "a photo of a dog", "--num_images", "2")
+    assert "names none of the loaded tokens" in caplog.text
+    base = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    expected = generate_images(base, "a photo of a dog", 2, seed=0, schedule=trimmed())
+    assert all(same(pixels(out / f"a-photo-of-a-dog_seed0_{i}.png"), e) for i, e in enumerate(expected))
+
+
+@pytest.mark.usefixtures("fast")
+def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_pipeline_dir, tmp_path, caplog):
+    save_file({"<cat-toy>": torch.randn(WIDTH)}, tmp_path / "diffusers.safetensors")  # no metadata
+    write_concept(tmp_path / "big.safetensors", "<big>", 1, model_type="infinity_8b")
+    out = tmp_path / "out"
+    settings = run(tiny_pipeline_dir, [tmp_path / "diffusers.safetensors", tmp_path / "big.safetensors"], out, "--compare", "--force",
+                   "--dtype", "bfloat16", "--prompt", "a <cat-toy>", "--prompt", "a <big>")  # fmt: skip
+    assert "<cat-toy>" in caplog.text and "records no initializer_token" in caplog.text
+    assert "--force: using it anyway" in caplog.text and "infinity_8b" in caplog.text
+    assert not os.path.exists(out / "a-cat-toy_compare.png") and os.path.exists(out / "a-big_compare.png")
+    assert settings["dtype"] == "bfloat16" and settings["prompts"][1]["compare_prompt"] == "a cat"
+
+
+def fails(capsys, argv, message):
+    """The script as a program: a non-zero exit and the error on one line."""
+    sys.argv = ["infer_textual_inversion.py", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        try:
+            infer.main(infer.parse_args())
+        except (infer.UsageError, infer.ConceptError, infer.ModelFilesNotFound, infer.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)  # what the script's __main__ does
+            sys.exit(1)
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bars
+    assert exit_info.value.code in (1, 2) and message in last_line and "error: " in last_line, last_line
+    return last_line
+
+
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("clip", [], "has vectors of size 768, but the text encoder's embeddings have size 128"),
+        ("8b", [], "was trained for model_type infinity_8b (this run: infinity_2b); load that model, or pass --force"),
+        ("hub-names", ["--text_encoder_name_or_path", "google/flan-t5-xl"], "text_encoder google/t5-v1_1-xl (this run: google/flan-t5-xl)"),
+        ("hub-names", ["--pretrained_model_name_or_path", "someone/infinity-finetune"], "base_model FoundationVision/Infinity (this run: someone/infinity-finetune)"),
+        ("ok", ["--token", "dog"], "'dog' from"),
+        ("twice", [], "is loaded twice"),
+        ("missing", [], "does not exist"),
+        ("empty-dir", [], "is a folder without learned_embeds.safetensors"),
+        ("offline", [], "could not get learned_embeds.safetensors from 'user/my-dog-ti'"),
+        ("pickle", [], "holds pickled objects other than tensors and is refused"),
+        ("ok", ["--prompt_file", "nowhere.txt"], "cannot read --prompt_file nowhere.txt"),
+        ("ok", ["--prompt", "a <ok>:1 and <ok>:2"], "two scales"),
+        ("ok", ["--token", "a", "--token", "b"], "2 --token for 1 --learned_embeds"),
+        pytest.param("ok", ["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case, extra, message):
+    embeds = tmp_path / "embeds.safetensors"
+    if case == "clip":
+        save_file({"<sd-cat>": torch.randn(1, 768)}, embeds)
+    elif case == "8b":
+        write_concept(embeds, "<big>", 1, model_type="infinity_8b")
+    elif case == "hub-names":
+        write_concept(embeds, "<hub>", 1, base_model="FoundationVision/Infinity", text_encoder="google/t5-v1_1-xl")
+    elif case in ("ok", "twice"):
+        write_concept(embeds, "<ok>", 1)
+    elif case == "empty-dir":
+        embeds = tmp_path / "empty"
+        embeds.mkdir()
+    elif case == "offline":
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        embeds = "user/my-dog-ti"
+    elif case == "pickle":
+        embeds = tmp_path / "embedding.pt"
+        torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "args": argparse.Namespace(lr=1)}, embeds)
+    out = tmp_path / "out"
+    argv = infer_args(tiny_pipeline_dir, [embeds] * (2 if case == "twice" else 1), out, "--prompt", "a <ok>") + extra
+    err = fails(capsys, argv, message)
+    if case == "offline":
+        assert "DIR/learned_embeds.safetensors" in err
+    assert not out.exists()
