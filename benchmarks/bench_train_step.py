@@ -4,6 +4,8 @@
     python benchmarks/bench_train_step.py                       # tiny model on CPU
     python benchmarks/bench_train_step.py --model infinity_2b --pn 0.25M 1M --device cuda
 
+    python benchmarks/bench_train_step.py --trace_memory --pn 0.25M 1M  # 2B memory, no GPU needed
+
 For each pn it times a no-grad forward of the batch (T5 + transformer + loss), this project's TI
 step, and the naive step (the whole T5 embedding matrix in AdamW, prompts padded to 512 tokens,
 the VAE re-encoding the images every step, attention with a dense block-causal mask, no
@@ -11,6 +13,11 @@ checkpointing), then the levers one at a time. Memory is the CUDA peak on a GPU;
 the bytes autograd saves for the backward pass (the part of the peak the levers change).
 Random weights: speed and memory do not depend on them. `--model infinity_2b` builds the full 2B
 transformer and a flan-t5-xl-shaped encoder.
+
+`--trace_memory` runs one TI step of the full Infinity-2B + flan-t5-xl shapes (bf16) on fake
+tensors: nothing is computed or allocated, but every tensor an op creates is recorded until the
+last reference to its storage (autograd's included) is gone, which gives the peak of live tensor
+bytes a GPU would hold (before allocator overhead and the CUDA context).
 """
 
 import argparse
@@ -23,6 +30,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -45,6 +56,7 @@ def parse_args():
     parser.add_argument("--pn", nargs="+", default=["0.06M", "0.25M"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--trace_memory", action="store_true", help="trace the 2B step's peak memory on fake tensors")
     return parser.parse_args()
 
 
@@ -178,6 +190,72 @@ def measure(fn, device: str, repeats: int) -> tuple[float, float]:
     return statistics.median(times), memory
 
 
+class LiveStorageBytes(TorchDispatchMode):
+    """Peak bytes of the storages ops create, each counted until it is freed (also when only
+    autograd still holds it). Storages that exist before (weights, inputs) are registered at 0."""
+
+    def __init__(self, existing):
+        super().__init__()
+        self.storages, self.peak, self.ops = {}, 0, 0
+        for tensor in existing:
+            self._add(tensor, count=False)
+
+    def _add(self, tensor, count=True):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.storages:
+            self.storages[storage._cdata] = (StorageWeakRef(storage), storage.nbytes() if count else 0)
+
+    def live(self) -> int:
+        for key in [k for k, (ref, _) in self.storages.items() if ref.expired()]:
+            del self.storages[key]
+        return sum(n for _, n in self.storages.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        self.ops += 1
+        if self.ops % 16 == 0:  # polling every op would be slow; the peak lasts longer than that
+            self.peak = max(self.peak, self.live())
+        return out
+
+
+def trace_memory(pn: str, checkpointing: bool) -> tuple[int, int, int]:
+    """(weight bytes, step peak bytes, tokens) of a TI step of the 2B shapes, on fake tensors."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        transformer = InfinityTransformer(MODEL_PRESETS["infinity_2b"].transformer).set_block_dtype(torch.bfloat16)
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)).to(torch.bfloat16)
+        vae = BSQVAE(MODEL_PRESETS["infinity_2b"].vae)
+    transformer.requires_grad_(False).gradient_checkpointing = checkpointing
+    t5.requires_grad_(False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        transformer.to_empty(device="cpu")
+        t5.to_empty(device="cpu")
+        schedule = get_schedule(1.0, pn)
+        weights = sum(t.numel() * t.element_size() for m in (transformer, t5, vae) for t in m.state_dict().values())
+        token_id = 32100
+        learned = LearnedEmbeddings([token_id], torch.zeros(1, 2048))
+        optimizer = torch.optim.AdamW(learned.parameters(), lr=1e-3)
+        input_ids = torch.tensor([[3, 9, 1712, 13, 3, 9, token_id, 30, 8, 2608, 1]])  # ~ "a photo of a <tok> on the beach"
+        mask = torch.ones_like(input_ids)
+        x_tokens = torch.randn(1, schedule.total_len - 1, 32)
+        labels = torch.randint(0, 2, (1, schedule.total_len, 32))
+        existing = [*transformer.state_dict().values(), *t5.state_dict().values(), learned.weight, input_ids, mask, x_tokens, labels]
+        tracker = LiveStorageBytes(existing)
+        with tracker:
+            embeds = learned(input_ids, t5.get_input_embeddings())
+            hidden = t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
+            logits = transformer(TextCondition(hidden, mask), x_tokens, schedule)
+            bitwise_loss(logits, labels, schedule, True).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tracker.peak = max(tracker.peak, tracker.live())
+    return weights, tracker.peak, schedule.total_len
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
@@ -185,6 +263,14 @@ def gib(n: float) -> str:
 def main():
     args = parse_args()
     torch.manual_seed(0)
+    if args.trace_memory:
+        print("Infinity-2B + flan-t5-xl encoder (bf16) + BSQ-VAE (fp32), batch 1, traced on fake tensors")
+        print(f"{'pn':>6} {'tokens':>6} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} {'total':>9}")
+        for pn in args.pn:
+            for checkpointing in (False, True):
+                weights, peak, tokens = trace_memory(pn, checkpointing)
+                print(f"{pn:>6} {tokens:>6} | {str(checkpointing):>13} | {gib(weights):>9} {gib(peak):>10} {gib(weights + peak):>9}")
+        return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     models = build(args.model, args.device, dtype)
     memory_kind = "CUDA peak" if args.device.startswith("cuda") else "saved for backward"

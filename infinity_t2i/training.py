@@ -3,6 +3,7 @@ per-bit cross entropy weighted over tokens."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +51,10 @@ def token_weights(schedule: ScaleSchedule, reweight_by_scale: bool, device=None)
     The official trainer crashes on its reweighting branch (`.prod()` on a tuple); this computes
     what that branch intends, as its validation-loss script does.
     """
-    lengths = torch.tensor(schedule.lengths, dtype=torch.float64)
-    if reweight_by_scale:
-        per_token = lengths[-1].sqrt() / lengths.sqrt()
-    else:
-        per_token = torch.ones_like(lengths)
-    w = torch.repeat_interleave(per_token, torch.tensor(schedule.lengths))
-    return (w / w.sum()).float().to(device)
+    lengths = schedule.lengths
+    per_token = [math.sqrt(lengths[-1] / n) if reweight_by_scale else 1.0 for n in lengths]
+    total = sum(w * n for w, n in zip(per_token, lengths))
+    return torch.cat([torch.full((n,), w / total) for w, n in zip(per_token, lengths)]).to(device)
 
 
 def bit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,7 @@ class InfinityTransformer(nn.Module):
         n = cfg.blocks_per_chunk
         self.block_chunks = nn.ModuleList(BlockChunk(blocks[i : i + n]) for i in range(0, cfg.depth, n))
         self.gradient_checkpointing = False
-        self._tables: dict = {}  # rope tables per (schedule, device)
+        self._tables: dict = {}  # rope tables and scale indices per (schedule, device)
 
     # ---- structure -----------------------------------------------------------------------------
     @property
@@ -284,6 +284,13 @@ class InfinityTransformer(nn.Module):
             self._tables[key] = rope_table(schedule, self.config.head_dim).to(device)
         return self._tables[key]
 
+    def scale_index(self, schedule: ScaleSchedule, device) -> torch.Tensor:
+        """(L,) the scale each token belongs to (which level embedding it gets)."""
+        key = ("scale", schedule.grids, str(device))
+        if key not in self._tables:
+            self._tables[key] = torch.cat([torch.full((n,), s) for s, n in enumerate(schedule.lengths)]).to(device)
+        return self._tables[key]
+
     def run_blocks(
         self,
         x: torch.Tensor,
@@ -325,7 +332,6 @@ class InfinityTransformer(nn.Module):
             raise ValueError(f"x_tokens has {x_tokens.shape[1]} tokens, the schedule needs {L - 1}")
         c = self.condition(self.drop_condition(text, cond_drop_rate, generator))
         x = torch.cat([self.start_tokens(c), self.embed_tokens(x_tokens)], dim=1)  # B, L, C
-        scale_of = torch.repeat_interleave(torch.arange(len(schedule), device=x.device), torch.tensor(schedule.lengths, device=x.device))
-        x = x + self.lvl_embed(scale_of)
+        x = x + self.lvl_embed(self.scale_index(schedule, x.device))
         x = self.run_blocks(x, c, self.rope(schedule, x.device), scale_lengths=schedule.lengths)
         return self.logits(x, c.cond)
