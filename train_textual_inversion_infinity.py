@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
-from infinity_t2i.pipeline import InfinityPipeline, generate_images, make_image_grid
+from infinity_t2i.pipeline import InfinityPipeline, generate_images, make_image_grid, resolve_preset, resolve_text_encoder
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
 from infinity_t2i.text import encode_prompt
 from infinity_t2i.textual_inversion import (
@@ -321,7 +321,7 @@ def concept_of(args, learned: LearnedEmbeddings, tokens: list[str], tokenizer, s
         "learnable_property": args.learnable_property,
         "base_model": args.pretrained_model_name_or_path,
         "model_type": args.model_type,
-        "text_encoder": args.text_encoder_name_or_path or "google/flan-t5-xl",
+        "text_encoder": resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, resolve_preset(args.pretrained_model_name_or_path, args.model_type)),
         "tokenizer": {"class": type(tokenizer).__name__, "legacy": True, "model_max_length": tokenizer.model_max_length, "added_token": "lstrip=False rstrip=False normalized=False special=False"},
         "pn": args.pn,
         "step": step,

@@ -16,7 +16,6 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
@@ -79,13 +78,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # not a refused class: the bytes are no pickle at all
-            raise CheckpointError(f"{path} is not a readable checkpoint (corrupt pickle stream); download it again") from e
-        raise CheckpointError(
-            f"{path} holds pickled objects other than tensors, which are not loaded (weights_only=True); "
-            "save only the state dict, e.g. torch.save(ckpt['trainer']['gpt_fsdp'], 'weights.pth')"
-        ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, SafetensorError, OSError) as e:
+        if zipfile.is_zipfile(path) and "GLOBAL" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled objects other than tensors, which are not loaded (weights_only=True); "
+                "save only the state dict, e.g. torch.save(ckpt['trainer']['gpt_fsdp'], 'weights.pth')"
+            ) from e
+        raise CheckpointError(f"{path} is not a readable checkpoint (neither a torch.save archive nor safetensors); download it again") from e
+    except Exception as e:  # truncated archives, and junk bytes the unpickler trips over in many ways
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); download it again") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")

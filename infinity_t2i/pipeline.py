@@ -218,8 +218,9 @@ def generate_images(
     progress: Callable[[int], object] | None = None,
     **settings,
 ) -> list[Image.Image]:
-    """`num_images` images of one prompt, image i drawn with seed `seed + i` whatever the batch
-    size: the generation the inference script and the training script's validation share.
+    """`num_images` images of one prompt, image i drawn with seed `seed + i`: the random draws do
+    not depend on the batch size (batched float math may still differ in the last bits). The
+    generation the inference script and the training script's validation share.
     `progress(n)` is called after each batch with its number of images (e.g. a tqdm's update)."""
     images = []
     for start in range(0, num_images, batch_size):

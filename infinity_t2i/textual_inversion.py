@@ -182,10 +182,10 @@ def resolve_learned_embeds(name_or_path: str, revision: str | None = None) -> st
     """Local path of an embedding: the file itself, `learned_embeds.safetensors` in a folder, or
     that file downloaded from a hub repo (at `revision`)."""
     if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, LEARNED_EMBEDS_NAME)
-        if not os.path.exists(path):
-            raise ModelFilesNotFound(f"{name_or_path} is a folder without {LEARNED_EMBEDS_NAME}; pass the embedding file itself or the folder the training script wrote")
-        return path
+        for name in (LEARNED_EMBEDS_NAME, "learned_embeds.bin"):  # this project's, then diffusers' older one
+            if os.path.exists(os.path.join(name_or_path, name)):
+                return os.path.join(name_or_path, name)
+        raise ModelFilesNotFound(f"{name_or_path} is a folder without {LEARNED_EMBEDS_NAME}; pass the embedding file itself or the folder the training script wrote")
     if os.path.isfile(name_or_path):
         return name_or_path
     if is_hub_repo_id(name_or_path):

@@ -30,16 +30,6 @@ def trimmed(h_div_w=1.0, pn="0.06M"):
     return real_get_schedule(h_div_w, pn).prefix(3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are too small for two threads: on shared, busy cores two threads wait on
-    each other and run up to 10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def fast(monkeypatch):
     """The script renders the first 3 scales of its schedule (the script has no flag for that)."""

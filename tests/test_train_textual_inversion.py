@@ -71,7 +71,7 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
            *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "2",
                        "--checkpointing_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
                        "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_prompt", f"a {PLACEHOLDER} on the beach")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     files = set(os.listdir(out))
     assert {"learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
@@ -82,6 +82,7 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
         meta = f.metadata()
     assert json.loads(meta["tokens"]) == [PLACEHOLDER] and meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
+    assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
     assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (out / "type_of_concept.txt").read_text() == "object"
     card = (out / "README.md").read_text()
     assert "base_model:" in card and "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
@@ -312,7 +313,7 @@ def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_p
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571", SCRIPT,
            *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("DistributedType.MULTI_CPU") == 2
     assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
