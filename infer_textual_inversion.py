@@ -39,7 +39,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
-from infinity_t2i.pipeline import InfinityPipeline, generate_images, make_image_grid, resolve_preset, resolve_text_encoder
+from infinity_t2i.pipeline import (
+    InfinityPipeline,
+    generate_images,
+    make_image_grid,
+    resolve_preset,
+    resolve_text_encoder,
+)
 from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule, nearest_template
 from infinity_t2i.sampling import DEFAULT_CFG, DEFAULT_CFG_INSERTION_LAYER, DEFAULT_TAU, DEFAULT_TOP_K, DEFAULT_TOP_P
 from infinity_t2i.textual_inversion import (
@@ -62,6 +68,9 @@ SCALE_SUFFIX = r":(-?(?:\d+(?:\.\d+)?|\.\d+))"
 
 class UsageError(Exception):
     """Bad input: reported as one line, with a non-zero exit and nothing written."""
+
+
+BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
 
 
 def parse_args(argv=None):
@@ -388,6 +397,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (UsageError, ConceptError, ModelFilesNotFound, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except BAD_INPUT as e:
+        sys.exit(f"error: {e}")  # one line on stderr, exit status 1

@@ -34,13 +34,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
-from infinity_t2i.pipeline import InfinityPipeline, generate_images, make_image_grid, resolve_preset, resolve_text_encoder
+from infinity_t2i.pipeline import (
+    InfinityPipeline,
+    generate_images,
+    make_image_grid,
+    resolve_preset,
+    resolve_text_encoder,
+)
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
 from infinity_t2i.text import encode_prompt
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
-    ConceptError,
     TEMPLATES,
+    ConceptError,
     LearnedConcept,
     LearnedEmbeddings,
     add_placeholder_tokens,
@@ -62,6 +68,9 @@ STEP_RNG_NAME = "step_rng.safetensors"
 
 class UsageError(Exception):
     """Bad input: reported as one line, with a non-zero exit and nothing written."""
+
+
+BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
 
 
 def parse_args(argv=None):
@@ -197,7 +206,7 @@ def read_captions(folder: str, caption_column: str) -> dict[str, str]:
                         row = json.loads(line)
                         captions[row["file_name"]] = row[caption_column]
                     except (json.JSONDecodeError, KeyError) as e:
-                        raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})")
+                        raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})") from e
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".txt" and stem:
@@ -225,7 +234,7 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
         try:
             dataset = load_dataset(args.dataset_name, split="train")
         except Exception as e:
-            raise UsageError(f"could not load dataset {args.dataset_name!r}: {e}")
+            raise UsageError(f"could not load dataset {args.dataset_name!r}: {e}") from e
         if args.image_column not in dataset.column_names:
             raise UsageError(f"dataset has no column {args.image_column!r} (columns: {dataset.column_names}); set --image_column")
         has_captions = args.caption_column in dataset.column_names
@@ -245,7 +254,7 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
                 image.load()
                 examples.append((name, to_rgb(image), captions.get(name)))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UsageError(f"cannot read image {os.path.join(folder, name)} ({e}); fix or remove it")
+            raise UsageError(f"cannot read image {os.path.join(folder, name)} ({e}); fix or remove it") from e
     return examples
 
 
@@ -651,6 +660,5 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_r
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (UsageError, ConceptError, ModelFilesNotFound, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except BAD_INPUT as e:
+        sys.exit(f"error: {e}")  # one line on stderr, exit status 1

@@ -6,7 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import runpy
+import sys
 
+import pytest
 import torch
 
 from infinity_t2i.config import InfinityConfig, VAEConfig
@@ -104,3 +107,22 @@ def build_tiny_pipeline_dir(directory: str, seed: int = 0) -> str:
     transformer, vae = build_tiny_models(seed)
     InfinityPipeline(transformer, vae, tokenizer, text_encoder).save_pretrained(directory)
     return directory
+
+
+def run_script_expecting_error(script: str, argv: list, capsys) -> str:
+    """Runs `python script argv` in this process (the script's own __main__ block) and returns
+    its one-line error, after checking the exit: status 1 with the message for bad input, or
+    argparse's status 2 with its usage line and message on stderr."""
+    saved = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = saved
+    code = exit_info.value.code
+    if isinstance(code, str):  # sys.exit("error: ...") prints it and exits with status 1
+        assert code.startswith("error: ") and "\n" not in code, code
+        return code
+    assert code == 2, code
+    return capsys.readouterr().err.strip().splitlines()[-1]

@@ -6,11 +6,12 @@ To stay fast, the scripts render (and the training script trains on) a 3-scale p
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
+from helpers import run_script_expecting_error
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
@@ -22,6 +23,7 @@ from infinity_t2i.text import SPACE_PIECE, tokenize
 from infinity_t2i.textual_inversion import LearnedConcept, apply_concepts, load_learned_embeds, save_learned_embeds
 
 PLACEHOLDER = "<blob>"
+SCRIPT = os.path.join(ROOT, "infer_textual_inversion.py")
 WIDTH = 128  # the tiny T5's embedding size
 real_get_schedule = get_schedule
 
@@ -300,20 +302,6 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
     assert settings["dtype"] == "bfloat16" and settings["prompts"][1]["compare_prompt"] == "a cat"
 
 
-def fails(capsys, argv, message):
-    """The script as a program: a non-zero exit and the error on one line."""
-    sys.argv = ["infer_textual_inversion.py", *argv]
-    with pytest.raises(SystemExit) as exit_info:
-        try:
-            infer.main(infer.parse_args())
-        except (infer.UsageError, infer.ConceptError, infer.ModelFilesNotFound, infer.CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)  # what the script's __main__ does
-            sys.exit(1)
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bars
-    assert exit_info.value.code in (1, 2) and message in last_line and "error: " in last_line, last_line
-    return last_line
-
-
 @pytest.mark.parametrize(
     "case,extra,message",
     [
@@ -357,7 +345,8 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "args": argparse.Namespace(lr=1)}, embeds)
     out = tmp_path / "out"
     argv = infer_args(tiny_pipeline_dir, [embeds] * (2 if case == "twice" else 1), out, "--prompt", "a <ok>") + extra
-    err = fails(capsys, argv, message)
+    err = run_script_expecting_error(SCRIPT, argv, capsys)
+    assert message in err, err
     if case == "offline":
         assert "DIR/learned_embeds.safetensors" in err
     assert not out.exists()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from helpers import run_script_expecting_error
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -226,21 +227,6 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
     assert "smaller than the training size" in caplog.text
 
 
-def fails(capsys, argv, message):
-    """The script as a program: a non-zero exit and the error on one line (argparse prints its
-    usage line before its own errors, transformers its loading bar before late ones)."""
-    sys.argv = ["train_textual_inversion_infinity.py", *argv]
-    with pytest.raises(SystemExit) as exit_info:
-        try:
-            train.main(train.parse_args())
-        except (train.UsageError, train.ConceptError, train.ModelFilesNotFound, train.CheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)  # what the script's __main__ does
-            sys.exit(1)
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress bars
-    assert exit_info.value.code in (1, 2) and message in last_line and "error: " in last_line, last_line
-    return last_line
-
-
 @pytest.mark.parametrize(
     "case,extra,message",
     [
@@ -268,7 +254,8 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         (data / "fine.txt").write_text("a photo of a dog")
     out = tmp_path / "out"
     argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "1") + extra
-    err = fails(capsys, argv, message)
+    err = run_script_expecting_error(SCRIPT, argv, capsys)
+    assert message in err, err
     if case == "corrupt":
         assert "broken.jpg" in err
     if "--resume_from_checkpoint" not in extra:
