@@ -378,8 +378,8 @@ python infer_textual_inversion.py --pretrained_model_name_or_path {args.pretrain
 
 `learned_embeds.safetensors` holds `{{"{placeholder}": (num_vectors, 2048)}}` with metadata naming the
 tokens, the initializer and the base model; `token_identifier.txt` and `type_of_concept.txt` name the
-trigger token and the kind of concept. Made with
-[infinity-textual-inversion](https://github.com/) (`train_textual_inversion_infinity.py`).
+trigger token and the kind of concept. Made with infinity-textual-inversion's
+`train_textual_inversion_infinity.py`; `infer_textual_inversion.py` comes with it.
 """
     path = os.path.join(args.output_dir, "README.md")
     ModelCard(content).save(path + ".tmp")
