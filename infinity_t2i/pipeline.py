@@ -204,7 +204,12 @@ class InfinityPipeline:
             cfg_insertion_layer=cfg_insertion_layer,
             generator=generator,
         )
-        pixels = to_uint8(self.vae.decode(out.summed_codes)).cpu().numpy()
+        # the official inference decodes under bf16 autocast when its blocks run in bf16
+        block_dtype = self.transformer.blocks[0].ffn.fc1.weight.dtype
+        bf16_decode = self.device.type == "cuda" and block_dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_decode):
+            decoded = self.vae.decode(out.summed_codes)
+        pixels = to_uint8(decoded).cpu().numpy()
         images = [Image.fromarray(p) for p in pixels]
         return InfinityPipelineOutput(images, out.bits if return_bits else None)
 
