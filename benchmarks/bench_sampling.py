@@ -15,7 +15,9 @@ Rows:
 
 Every row: CFG 3 on the logits (2 rows through the transformer per image), the official sampling
 defaults, one image per batch unless --batch_size; the median of --runs timed runs after
---warmup untimed ones, with torch.cuda.synchronize around each on the GPU.
+--warmup untimed ones, with torch.cuda.synchronize around each on the GPU. The CPU rows also
+time the baseline, a straightforward sampler of the same math without the KV cache (every scale
+re-runs the teacher-forced forward over all tokens so far), alternating with ours.
 
 Measured on 2 shared, busy CPU cores (no GPU lent), --threads 1, median of 3:
 tiny 0.06M 0.60 s, 0.25M 2.7 s, 1M 11.4 s per image. With 2 threads the same machine took
@@ -39,7 +41,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from infinity_t2i.config import MODEL_PRESETS, InfinityConfig, VAEConfig  # noqa: E402
 from infinity_t2i.pipeline import to_uint8  # noqa: E402
 from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule  # noqa: E402
-from infinity_t2i.sampling import sample  # noqa: E402
+from infinity_t2i.multiscale import (  # noqa: E402
+    bits_to_codes,
+    latents_to_tokens,
+    next_scale_input,
+    tokens_to_bits,
+    upsample_codes,
+)
+from infinity_t2i.sampling import DEFAULT_TOP_K, DEFAULT_TOP_P, sample, sample_bits_from_logits  # noqa: E402
 from infinity_t2i.text import TextCondition  # noqa: E402
 from infinity_t2i.transformer import InfinityTransformer  # noqa: E402
 from infinity_t2i.vae import BSQVAE  # noqa: E402
@@ -64,28 +73,57 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_generation(transformer, vae, pn: str, device: torch.device, batch_size: int, runs: int, warmup: int, cfg: float) -> dict:
+def sample_without_cache(transformer, text, schedule, cfg: float, generators):
+    """The straightforward implementation of the same math, the baseline: no KV cache, every
+    scale re-runs the teacher-forced forward over all tokens so far and keeps the last scale's
+    logits. Same sampling rule, so the same bits up to float rounding at near-ties."""
+    cfg_model = transformer.config
+    B, patchify = text.batch_size, cfg_model.spatial_patchify
+    both = text.cat(transformer.uncond_text(text)) if cfg != 1 else text
+    grids = schedule.vae_grids(patchify)
+    summed = torch.zeros(B, cfg_model.codebook_dim, *grids[-1], device=text.features.device)
+    inputs = [torch.zeros(B, 0, cfg_model.bits_per_token, device=text.features.device)]
+    for s, grid in enumerate(schedule.grids):
+        prefix = schedule.prefix(s + 1)
+        x_tokens = torch.cat(inputs, dim=1).repeat(both.batch_size // B, 1, 1)
+        logits = transformer(both, x_tokens, prefix)[:, prefix.offsets[s] :]
+        if cfg != 1:
+            logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
+        bits = tokens_to_bits(sample_bits_from_logits(logits, DEFAULT_TOP_K, DEFAULT_TOP_P, generators), grid, patchify)
+        codes = bits_to_codes(bits.to(torch.uint8))
+        summed = summed + (codes if s == len(grids) - 1 else upsample_codes(codes, grids[-1]))
+        if s < len(grids) - 1:
+            inputs.append(latents_to_tokens(next_scale_input(summed, grids[s + 1]), patchify))
+    return summed
+
+
+@torch.no_grad()
+def time_generation(transformer, vae, pn: str, device: torch.device, batch_size: int, runs: int, warmup: int, cfg: float, baseline: bool = False) -> dict:
     schedule = get_schedule(1.0, pn)
     g = torch.Generator(device).manual_seed(0)
     features = torch.randn(batch_size, PROMPT_TOKENS, transformer.config.text_channels, device=device, generator=g) / transformer.config.text_channels**0.5
     text = TextCondition(features, torch.ones(batch_size, PROMPT_TOKENS, dtype=torch.bool, device=device))
 
-    def generate(seed: int):
+    def generate(seed: int, cached: bool = True):
         generators = [torch.Generator(device).manual_seed(seed + k) for k in range(batch_size)]
-        out = sample(transformer, text, schedule, cfg=cfg, generator=generators)
-        return to_uint8(vae.decode(out.summed_codes)).cpu()
+        if cached:
+            summed = sample(transformer, text, schedule, cfg=cfg, generator=generators).summed_codes
+        else:
+            summed = sample_without_cache(transformer, text, schedule, cfg, generators)
+        return to_uint8(vae.decode(summed)).cpu()
 
     for k in range(warmup):
         generate(1000 + k)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for k in range(runs):
-        sync(device)
-        start = time.perf_counter()
-        pixels = generate(k)
-        sync(device)
-        seconds.append((time.perf_counter() - start) / batch_size)
+    seconds, baseline_seconds = [], []
+    for k in range(runs):  # the two samplers alternate, so machine noise hits both alike
+        for cached, times in ((True, seconds), (False, baseline_seconds)) if baseline else ((True, seconds),):
+            sync(device)
+            start = time.perf_counter()
+            pixels = generate(k, cached)
+            sync(device)
+            times.append((time.perf_counter() - start) / batch_size)
     height, width = pixels.shape[1:3]
     return {
         "pn": pn,
@@ -95,16 +133,18 @@ def time_generation(transformer, vae, pn: str, device: torch.device, batch_size:
         "s_per_image": statistics.median(seconds),
         "min": min(seconds),
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "baseline": statistics.median(baseline_seconds) if baseline else None,
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["model", "device", "blocks", "pn", "image", "scales", "tokens", "s/image (median)", "min", "peak GPU GiB", "official"]
+    header = ["model", "device", "blocks", "pn", "image", "scales", "tokens", "s/image (median)", "min", "no-cache baseline", "peak GPU GiB", "official"]
     lines = [header]
     for r in rows:
         lines.append([
             r["model"], r["device"], r["dtype"], r["pn"], r["image"], str(r["scales"]), str(r["tokens"]),
             f"{r['s_per_image']:.3f}", f"{r['min']:.3f}",
+            f"{r['baseline']:.3f} s ({r['baseline'] / r['s_per_image']:.1f}x)" if r["baseline"] is not None else "-",
             f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-",
             f"{OFFICIAL_SECONDS_1M} s" if r["model"] == "infinity_2b" and r["pn"] == "1M" else "-",
         ])  # fmt: skip
@@ -135,7 +175,7 @@ def main(argv=None):
     cpu = torch.device("cpu")
     transformer, vae = build(*tiny_configs(), cpu, torch.float32)
     for pn in args.pn:
-        row = time_generation(transformer, vae, pn, cpu, args.batch_size, args.runs, args.warmup, args.cfg)
+        row = time_generation(transformer, vae, pn, cpu, args.batch_size, args.runs, args.warmup, args.cfg, baseline=True)
         rows.append({"model": "tiny (tests)", "device": f"cpu x{torch.get_num_threads()}", "dtype": "float32", **row})
         print(f"  done: tiny {pn}: {row['s_per_image']:.3f} s/image", file=sys.stderr)
     del transformer, vae
