@@ -6,6 +6,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the package and the scripts live at the repository root
+sys.path.insert(0, os.path.join(ROOT, "examples"))  # the toy world
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")

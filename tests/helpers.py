@@ -3,8 +3,6 @@ random Infinity transformer + BSQ-VAE with the real architecture at toy widths."
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import runpy
 import sys
@@ -17,6 +15,11 @@ from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder
 from infinity_t2i.transformer import InfinityTransformer
 from infinity_t2i.vae import BSQVAE
 
+# The toy world's pretraining script writes small T5 encoders; tests and benchmarks reuse it.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from pretrain_toy_infinity import T5_WIDTH as TINY_T5_WIDTH  # noqa: E402
+from pretrain_toy_infinity import write_text_encoder  # noqa: E402
+
 TINY_CORPUS = [
     "a photo of a dog",
     "a photo of a cat on the beach",
@@ -27,51 +30,11 @@ TINY_CORPUS = [
     "a cropped photo of the clean object, dark and bright",
     "a good photo of a weird thing, a nice picture of one",
 ]
-SPARE_EMBEDDING_ROWS = 28  # flan-t5-xl: 32128 embedding rows for a 32100-token vocabulary
-TINY_T5_WIDTH = 128  # the attentive pool has text_channels // 128 heads
 
 
 def build_tiny_text_encoder(directory: str, seed: int = 0) -> str:
     """Writes a tokenizer (spiece.model, T5 conventions) and a random 2-layer T5 encoder."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
-    os.makedirs(directory, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TINY_CORPUS * 4),
-        model_writer=model,
-        vocab_size=120,
-        hard_vocab_limit=False,
-        model_type="unigram",
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    with open(os.path.join(directory, "spiece.model"), "wb") as f:
-        f.write(model.getvalue())
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 4, "legacy": True, "model_max_length": 512}, f)
-    tokenizer = AutoTokenizer.from_pretrained(directory, legacy=True)
-    tokenizer.save_pretrained(directory)  # adds tokenizer.json, as the released flan-t5 folder has
-    config = T5Config(
-        vocab_size=len(tokenizer) + SPARE_EMBEDDING_ROWS,
-        d_model=TINY_T5_WIDTH,
-        d_kv=32,
-        d_ff=256,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    T5EncoderModel(config).save_pretrained(directory)
-    return directory
+    return write_text_encoder(directory, TINY_CORPUS * 4, vocab_size=120, model_type="unigram", seed=seed)
 
 
 def tiny_configs(spatial_patchify: bool = False, text_channels: int = TINY_T5_WIDTH) -> tuple[InfinityConfig, VAEConfig]:

@@ -1,0 +1,329 @@
+"""Pretrains a toy Infinity on the procedural toy world (examples/toy_world.py), on CPU, from scratch.
+
+One run, in order: render every object of the world (672 images); train a SentencePiece tokenizer
+on its captions and build a small random T5 encoder; train a BSQ-VAE; encode every image to VAE
+features once; train the Infinity transformer on them with the package's training objective,
+and the T5 encoder with it, drawing a fresh object and caption for every sample; save the
+pipeline in half precision and render a preview grid through InfinityPipeline.from_pretrained.
+
+    python examples/pretrain_toy_infinity.py            # ~13 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(EXAMPLES))  # the package lives at the repository root
+sys.path.insert(0, EXAMPLES)
+
+import toy_world
+
+from infinity_t2i.config import InfinityConfig, VAEConfig
+from infinity_t2i.multiscale import residual_quantize
+from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder
+from infinity_t2i.resolution import get_schedule
+from infinity_t2i.text import encode_prompt
+from infinity_t2i.training import bitwise_loss, make_training_inputs
+from infinity_t2i.transformer import InfinityTransformer
+from infinity_t2i.vae import BSQVAE
+
+PN = "0.06M"  # 7 scales, 1x1 ... 16x16 tokens: 64x64 pixels with the VAE's patch size 4
+T5_WIDTH = 128  # the attentive pool has T5_WIDTH // 128 heads
+SPARE_EMBEDDING_ROWS = 28  # like flan-t5 (32128 rows for 32100 tokens): room for placeholder tokens
+VOCAB_SIZE = 160  # BPE pieces: every caption word but one ends up a single piece
+
+# 48 channels, not 32: GroupNorm has 32 (or 24) groups, and with one channel per group a flat
+# background normalises to zero, so the VAE cannot tell a red background from a blue one.
+VAE_CONFIG = VAEConfig(
+    codebook_dim=16, patch_size=4, base_channels=48, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1, 1), num_res_blocks=0
+)
+TRANSFORMER_CONFIG = InfinityConfig(
+    embed_dim=128,
+    depth=4,
+    num_heads=4,
+    mlp_ratio=4.0,
+    block_chunks=2,
+    text_channels=T5_WIDTH,
+    text_maxlen=64,
+    codebook_dim=VAE_CONFIG.codebook_dim,
+)
+PREVIEW_PROMPTS = [
+    "a photo of a red circle in the snow",
+    "a photo of a blue square on sand",
+    "a photo of a green triangle at night",
+    "a photo of a yellow cross in the sky",
+    "a photo of a white diamond on bricks",
+    "a photo of a large pink circle",
+    "a photo of a small black square on grass",
+    "a photo of a circle",
+]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description="Pretrain the toy Infinity (tokenizer, T5, BSQ-VAE, transformer) on CPU.")
+    p.add_argument("--out", default=os.path.join(EXAMPLES, "toy-infinity"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus_size", type=int, default=5000, help="captions the tokenizer is trained on")
+    p.add_argument("--vae_steps", type=int, default=600)
+    p.add_argument("--vae_batch_size", type=int, default=8)
+    p.add_argument("--vae_lr", type=float, default=3e-3)
+    p.add_argument("--commitment", type=float, default=0.25, help="weight of |features - sg(quantized)|^2")
+    p.add_argument("--steps", type=int, default=800, help="transformer steps")
+    p.add_argument(
+        "--tokens_per_step", type=int, default=6144, help="batch size x sequence length of a transformer step"
+    )
+    p.add_argument("--full_rate", type=float, default=0.3, help="share of the steps that train all scales")
+    p.add_argument(
+        "--min_scales", type=int, default=3, help="the other steps train the first k scales, k uniform from here"
+    )
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--cond_drop_rate", type=float, default=0.1, help="prompt dropout, so that CFG has an unconditional model"
+    )
+    p.add_argument("--self_correction", type=float, default=0.1, help="bitwise self-correction strength")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--preview", default=os.path.join(tempfile.gettempdir(), "toy-infinity-preview.png"))
+    return p.parse_args()
+
+
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) uint8 (kept small; batches become [-1, 1] floats on use)."""
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+class World:
+    """Every object of the toy world, rendered once, and the pretraining distribution over them."""
+
+    def __init__(self, seed: int):
+        self.objects = toy_world.pretraining_objects()
+        self.index = {obj: i for i, obj in enumerate(self.objects)}
+        self.pixels = images_to_tensor([toy_world.render(obj) for obj in self.objects])
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        """Indices of n objects drawn as in pretraining, and a fresh caption for each."""
+        objects = [toy_world.sample_object(self.rng, pretraining=True) for _ in range(n)]
+        return torch.tensor([self.index[obj] for obj in objects]), [
+            toy_world.describe(obj, self.rng) for obj in objects
+        ]
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float().div(127.5).sub(1)
+
+
+def lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def write_text_encoder(directory: str, corpus: list[str], vocab_size: int, model_type: str, seed: int) -> str:
+    """Writes a SentencePiece tokenizer trained on `corpus`, in flan-T5's conventions (pad 0, eos
+    1, unk 2; spiece.model, tokenizer.json, tokenizer_config.json) and a random 2-layer T5 encoder
+    with spare embedding rows, as a folder T5EncoderModel / AutoTokenizer load. The tests build
+    their tiny text encoder with it too."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    os.makedirs(directory, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type=model_type,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    with open(os.path.join(directory, "spiece.model"), "wb") as f:
+        f.write(model.getvalue())
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 4, "legacy": True, "model_max_length": 512}, f)
+    tokenizer = AutoTokenizer.from_pretrained(directory, legacy=True)
+    tokenizer.save_pretrained(directory)  # adds tokenizer.json, as the released flan-t5 folder has
+    config = T5Config(
+        vocab_size=len(tokenizer) + SPARE_EMBEDDING_ROWS,
+        d_model=T5_WIDTH,
+        d_kv=32,
+        d_ff=256,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(directory)
+    return directory
+
+
+def quantize_with_straight_through(features: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-scale residual bit quantization with a straight-through gradient: the decoder sees
+    the quantized codes, the encoder gets the decoder's gradient as if there were no quantizer.
+    Returns (decoder input, commitment loss)."""
+    quantized = residual_quantize(features.detach(), grids).summed_codes
+    commitment = F.mse_loss(features, quantized)
+    return features + (quantized - features).detach(), commitment
+
+
+def train_vae(vae: BSQVAE, world: World, grids, args) -> None:
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    bar = tqdm(range(args.vae_steps), desc="VAE", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        batch = to_unit_range(world.pixels[world.sample(args.vae_batch_size)[0]])
+        decoder_input, commitment = quantize_with_straight_through(vae.encoder(batch), grids)
+        reconstruction = vae.decoder(decoder_input)
+        l1 = (reconstruction - batch).abs().mean()
+        loss = l1 + F.mse_loss(reconstruction, batch) + args.commitment * commitment
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(l1=f"{l1.item():.4f}", commit=f"{commitment.item():.4f}")
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_images(vae: BSQVAE, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([vae.encode(to_unit_range(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)])
+
+
+def train_transformer(
+    transformer: InfinityTransformer,
+    tokenizer,
+    text_encoder,
+    features: torch.Tensor,
+    world: World,
+    schedule,
+    args,
+    generator,
+) -> None:
+    transformer.train()
+    text_encoder.train().requires_grad_(True)
+    decay = [p for n, p in transformer.named_parameters() if p.ndim >= 2 and "cfg_uncond" not in n]
+    no_decay = [p for n, p in transformer.named_parameters() if not (p.ndim >= 2 and "cfg_uncond" not in n)]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": 0.05},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": list(text_encoder.parameters()), "weight_decay": 0.0},  # spare embedding rows stay as built
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.97),
+    )
+    bar = tqdm(range(args.steps), desc="transformer", unit="step")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        # Attention is block-causal, so the first k scales of a sequence are computed exactly as
+        # in the full one. Most steps train only the first k scales, with as many more images as
+        # the shorter sequence allows: the coarse scales decide what is drawn (a mistake there is
+        # never undone) and they are cheap, while the 400 tokens of the two finest scales cost
+        # 80% of a full step and only sharpen edges.
+        if torch.rand((), generator=generator) < args.full_rate:
+            num_scales = len(schedule)
+        else:
+            num_scales = int(torch.randint(args.min_scales, len(schedule), (), generator=generator))
+        steps_schedule = schedule.prefix(num_scales)
+        n = steps_schedule.total_len
+        idx, captions = world.sample(max(1, args.tokens_per_step // n))
+        batch_text = encode_prompt(tokenizer, text_encoder, captions)
+        inputs = make_training_inputs(features[idx], schedule, False, args.self_correction, generator=generator)
+        logits = transformer(
+            batch_text,
+            inputs.x_tokens[:, : n - 1],
+            steps_schedule,
+            cond_drop_rate=args.cond_drop_rate,
+            generator=generator,
+        )
+        # Reweighting by scale gives the few coarse tokens a weight comparable to the many fine ones.
+        loss = bitwise_loss(logits, inputs.labels[:, :n], steps_schedule, reweight_by_scale=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    transformer.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+
+def save_half_precision(pipe: InfinityPipeline, directory: str) -> None:
+    """Stores the weights in float16 (the loader casts them back to the model's dtype)."""
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.half()
+    pipe.save_pretrained(directory)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.float()
+
+
+def save_preview(directory: str, path: str, seed: int) -> None:
+    """Four samples per preview prompt, one row each, from the saved folder."""
+    pipe = InfinityPipeline.from_pretrained(directory)
+    rows = [pipe(prompt, num_images_per_prompt=4, pn=PN, seed=seed).images for prompt in PREVIEW_PROMPTS]
+    size = rows[0][0].width
+    grid = Image.new("RGB", (4 * (size + 2), len(rows) * (size + 2)), (128, 128, 128))
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            grid.paste(image, (c * (size + 2), r * (size + 2)))
+    grid.save(path)
+
+
+def main():
+    args = parse_args()
+    start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    schedule = get_schedule(1.0, PN)
+
+    world = World(args.seed)
+    print(
+        f"rendered the {len(world.objects)} objects of the toy world at {toy_world.IMAGE_SIZE}x{toy_world.IMAGE_SIZE}"
+    )
+    with tempfile.TemporaryDirectory() as text_dir:
+        # BPE: unigram stops at single letters on a corpus of 30 distinct words.
+        write_text_encoder(text_dir, toy_world.caption_corpus(args.corpus_size, args.seed), VOCAB_SIZE, "bpe", args.seed)
+        tokenizer, text_encoder = load_text_encoder(text_dir, torch.float32, "cpu")
+
+    vae = BSQVAE(VAE_CONFIG)
+    train_vae(vae, world, schedule.vae_grids(False), args)
+    features = encode_images(vae, world.pixels)
+
+    transformer = InfinityTransformer(TRANSFORMER_CONFIG)
+    train_transformer(transformer, tokenizer, text_encoder, features, world, schedule, args, generator)
+
+    save_half_precision(InfinityPipeline(transformer, vae, tokenizer, text_encoder), args.out)
+    save_preview(args.out, args.preview, args.seed)
+    print(f"saved {args.out}, preview {args.preview}; {time.time() - start:.0f}s in all")
+
+
+if __name__ == "__main__":
+    main()
