@@ -1,0 +1,107 @@
+"""The toy world of examples/: a deterministic renderer, held-out concepts that pretraining never
+shows, the committed toy Infinity, the fidelity recogniser, and textual inversion that learns."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import toy_world
+from conftest import ROOT
+from toy_fidelity import FidelityScorer, before_and_after, concept_images, other_objects, train_concept
+
+from infinity_t2i.pipeline import InfinityPipeline
+
+EXAMPLES = os.path.join(ROOT, "examples")
+TOY_MODEL = os.path.join(EXAMPLES, "toy-infinity")
+CONCEPTS = os.path.join(EXAMPLES, "concepts")
+# The fidelity test: the demo's textual inversion (200 steps), 8 images before and 8 after.
+NUM_IMAGES = 8
+MARGIN = 0.15
+
+
+def pixels(images):
+    return np.stack([np.asarray(im) for im in images])
+
+
+def test_renderer_is_deterministic_for_a_seed():
+    images_a, captions_a, _ = toy_world.pretraining_examples(12, seed=3)
+    images_b, captions_b, _ = toy_world.pretraining_examples(12, seed=3)
+    images_c, captions_c, _ = toy_world.pretraining_examples(12, seed=4)
+    assert np.array_equal(pixels(images_a), pixels(images_b)) and captions_a == captions_b
+    assert not np.array_equal(pixels(images_a), pixels(images_c)) and captions_a != captions_c
+    concept = toy_world.HELD_OUT_CONCEPTS["pink-cross"]
+    assert np.array_equal(
+        pixels(toy_world.render_concept_images(concept, 3, 9)), pixels(toy_world.render_concept_images(concept, 3, 9))
+    )
+    assert images_a[0].size == (toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE)
+
+
+def test_held_out_pairings_never_appear_in_pretraining_but_their_parts_do():
+    _, captions, objects = toy_world.pretraining_examples(3000, seed=0)
+    assert set(objects) <= set(toy_world.pretraining_objects())
+    for concept in toy_world.HELD_OUT_CONCEPTS.values():
+        assert not any((o.kind, o.colour) == (concept.kind, concept.colour) for o in objects)
+        assert not any(f"{concept.colour} {concept.kind}" in caption for caption in captions)
+        assert sum(o.kind == concept.kind for o in objects) > 300 and sum(o.colour == concept.colour for o in objects) > 200
+    words = {w for caption in captions for w in caption.split()}
+    assert set(toy_world.COLOURS) <= words and set(toy_world.KINDS) <= words
+
+
+def test_committed_concepts_have_images_at_the_model_size_and_an_initializer_word(toy_pipe):
+    with open(os.path.join(CONCEPTS, "concepts.json")) as f:
+        metadata = json.load(f)
+    assert set(metadata) == set(toy_world.HELD_OUT_CONCEPTS)
+    for name, entry in metadata.items():
+        images = concept_images(CONCEPTS, name)
+        assert 5 <= len(images) <= 10
+        assert all(im.size == (toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE) for im in images)
+        pieces = toy_pipe.tokenizer.tokenize(entry["initializer"])  # several pieces start from their mean
+        assert toy_pipe.tokenizer.unk_token not in pieces
+        assert entry["placeholder_token"] not in toy_pipe.tokenizer.get_vocab()
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return InfinityPipeline.from_pretrained(TOY_MODEL)
+
+
+def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
+    assert toy_pipe.token_stride * toy_pipe.schedule(1.0, "0.06M").grids[-1][0] == toy_world.IMAGE_SIZE
+    images = toy_pipe("a photo of a red circle in the snow", num_images_per_prompt=2, pn="0.06M", seed=0).images
+    assert [im.size for im in images] == [(toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE)] * 2
+    weights = sum(os.path.getsize(p) for p in glob.glob(os.path.join(TOY_MODEL, "**", "*"), recursive=True))
+    assert weights < 10 * 2**20
+
+
+def test_fidelity_ranks_a_concepts_own_images_above_other_objects():
+    scorer = FidelityScorer()
+    for i, concept in enumerate(toy_world.HELD_OUT_CONCEPTS.values()):
+        own = scorer.score(concept_images(CONCEPTS, concept.name), concept)
+        others = scorer.score(other_objects(concept, 40, seed=100 + i), concept)
+        assert own.min() > others.max()
+        assert own.mean() > 0.9 and others.mean() < 0.05
+        # the right kind in a named colour, or the right colour on another kind, is not the concept
+        other_colour = next(c for c in toy_world.COLOURS if c != concept.colour)
+        other_kind = next(k for k in toy_world.KINDS if k != concept.kind)
+        for kind, colour in ((concept.kind, other_colour), (other_kind, concept.colour)):
+            lookalike = toy_world.HeldOutConcept("lookalike", kind, colour)
+            assert scorer.score(toy_world.render_concept_images(lookalike, 8, seed=i), concept).max() < 0.5
+
+
+def test_textual_inversion_raises_the_fidelity_of_a_held_out_concept(tmp_path):
+    """The main job for real: the training script learns <pink-cross> from its 8 images on the toy
+    Infinity; "a photo of a <pink-cross>" then shows a pink cross far more often than "a photo of
+    a cross" does (same seeds)."""
+    name = "pink-cross"
+    embedding = train_concept(TOY_MODEL, CONCEPTS, name, str(tmp_path / name))
+    assert os.path.isfile(os.path.join(embedding, "learned_embeds.safetensors"))
+    before, after = before_and_after(TOY_MODEL, embedding, name, num_images=NUM_IMAGES, seed=0)
+    scorer = FidelityScorer()
+    before, after = scorer.score(before, name), scorer.score(after, name)
+    # The base model almost never draws a pink cross for "a photo of a cross" (0.001); after TI
+    # these 8 seeds score 0.39 (16 seeds: 0.46 ± 0.07, benchmarks/bench_toy_fidelity.py). A rise
+    # of 0.15 is 100 times the before-score, yet 2 standard errors below the measured rise: it
+    # fails when learning fails (100 steps reach only 0.17), not on a fluctuation.
+    assert after.mean() - before.mean() > MARGIN, (before.tolist(), after.tolist())
