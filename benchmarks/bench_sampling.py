@@ -39,8 +39,6 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from infinity_t2i.config import MODEL_PRESETS, InfinityConfig, VAEConfig  # noqa: E402
-from infinity_t2i.pipeline import to_uint8  # noqa: E402
-from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule  # noqa: E402
 from infinity_t2i.multiscale import (  # noqa: E402
     bits_to_codes,
     latents_to_tokens,
@@ -48,6 +46,8 @@ from infinity_t2i.multiscale import (  # noqa: E402
     tokens_to_bits,
     upsample_codes,
 )
+from infinity_t2i.pipeline import to_uint8  # noqa: E402
+from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule  # noqa: E402
 from infinity_t2i.sampling import DEFAULT_TOP_K, DEFAULT_TOP_P, sample, sample_bits_from_logits  # noqa: E402
 from infinity_t2i.text import TextCondition  # noqa: E402
 from infinity_t2i.transformer import InfinityTransformer  # noqa: E402
