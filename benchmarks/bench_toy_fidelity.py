@@ -32,6 +32,11 @@ import toy_world
 from infinity_t2i.pipeline import make_image_grid
 
 
+def cell(scores: torch.Tensor) -> str:
+    """mean ± standard error"""
+    return f"{scores.mean():.3f} ± {scores.std() / len(scores) ** 0.5:.3f}"
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Fidelity of the toy world's held-out concepts before and after textual inversion.")
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
@@ -65,10 +70,6 @@ def main():
     print("| concept | before TI (\"a photo of a <initializer>\") | after TI (\"a photo of a <concept>\") | ceiling (own images) | TI time |")
     print("|---|---|---|---|---|")
     for name, initializer, before, after, own, trained in rows:
-
-        def cell(s: torch.Tensor) -> str:
-            return f"{s.mean():.3f} ± {s.std() / len(s) ** 0.5:.3f}"
-
         print(f"| <{name}> | {cell(before)} (\"{initializer}\") | {cell(after)} | {cell(own)} | {trained:.0f} s |")
     print(f"\ngrids (rows: before, after, own images) in {args.output_dir}")
 

@@ -34,14 +34,13 @@ import toy_world
 
 from infinity_t2i.config import InfinityConfig, VAEConfig
 from infinity_t2i.multiscale import residual_quantize
-from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder
+from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder, make_image_grid
 from infinity_t2i.resolution import get_schedule
 from infinity_t2i.text import encode_prompt
 from infinity_t2i.training import bitwise_loss, make_training_inputs
 from infinity_t2i.transformer import InfinityTransformer
 from infinity_t2i.vae import BSQVAE
 
-PN = "0.06M"  # 7 scales, 1x1 ... 16x16 tokens: 64x64 pixels with the VAE's patch size 4
 T5_WIDTH = 128  # the attentive pool has T5_WIDTH // 128 heads
 SPARE_EMBEDDING_ROWS = 28  # like flan-t5 (32128 rows for 32100 tokens): room for placeholder tokens
 VOCAB_SIZE = 160  # BPE pieces: every caption word but one ends up a single piece
@@ -287,13 +286,8 @@ def save_half_precision(pipe: InfinityPipeline, directory: str) -> None:
 def save_preview(directory: str, path: str, seed: int) -> None:
     """Four samples per preview prompt, one row each, from the saved folder."""
     pipe = InfinityPipeline.from_pretrained(directory)
-    rows = [pipe(prompt, num_images_per_prompt=4, pn=PN, seed=seed).images for prompt in PREVIEW_PROMPTS]
-    size = rows[0][0].width
-    grid = Image.new("RGB", (4 * (size + 2), len(rows) * (size + 2)), (128, 128, 128))
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            grid.paste(image, (c * (size + 2), r * (size + 2)))
-    grid.save(path)
+    rows = [pipe(prompt, num_images_per_prompt=4, pn=toy_world.PN, seed=seed).images for prompt in PREVIEW_PROMPTS]
+    make_image_grid([image for row in rows for image in row], rows=len(rows)).save(path)
 
 
 def main():
@@ -302,7 +296,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    schedule = get_schedule(1.0, PN)
+    schedule = get_schedule(1.0, toy_world.PN)
 
     world = World(args.seed)
     print(

@@ -46,13 +46,15 @@ sys.path.insert(0, EXAMPLES)
 
 import toy_world
 
+from infinity_t2i.pipeline import InfinityPipeline, generate_images
+from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
+
 DEFAULT_WEIGHTS = os.path.join(EXAMPLES, "toy_fidelity.safetensors")
 COLOUR_NAMES = tuple(toy_world.COLOURS)
 TRAINING_SEED = 777_000  # far from the seeds of the pretraining set and the concept images
-PN = "0.06M"  # the toy model's resolution: 64x64
 PROMPT_TEMPLATE = "a photo of a {}"
 # Textual-inversion settings of the demo (examples/toy_demo.sh), the benchmark and the test.
-TOY_TRAINING_ARGS = ("--pn", PN, "--train_batch_size", "4", "--max_train_steps", "200", "--learning_rate", "2e-2", "--seed", "0")
+TOY_TRAINING_ARGS = ("--pn", toy_world.PN, "--train_batch_size", "4", "--max_train_steps", "200", "--learning_rate", "2e-2", "--seed", "0")
 
 
 class ToyRecogniser(nn.Module):
@@ -207,9 +209,7 @@ def train_concept(model: str, concepts_dir: str, name: str, output_dir: str, *ex
 
 def generate(pipe, prompt: str, num_images: int, seed: int) -> list[Image.Image]:
     """Images of a prompt at the toy resolution, with the inference script's sampling defaults."""
-    from infinity_t2i.pipeline import generate_images
-
-    return generate_images(pipe, prompt, num_images, seed=seed, batch_size=num_images, pn=PN)
+    return generate_images(pipe, prompt, num_images, seed=seed, batch_size=num_images, pn=toy_world.PN)
 
 
 def before_and_after(
@@ -217,9 +217,6 @@ def before_and_after(
 ) -> tuple[list[Image.Image], list[Image.Image]]:
     """Images of "a photo of a <initializer>" from the base model, and of "a photo of a <name>"
     with the learned embedding loaded as the inference script loads it; same seeds."""
-    from infinity_t2i.pipeline import InfinityPipeline
-    from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
-
     concept = toy_world.HELD_OUT_CONCEPTS[name]
     pipe = InfinityPipeline.from_pretrained(model)
     before = generate(pipe, PROMPT_TEMPLATE.format(concept.initializer), num_images, seed)

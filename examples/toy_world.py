@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 64  # pixels per side: the toy model's VAE grid (16) x its patch size (4)
+PN = "0.06M"  # the Infinity resolution of IMAGE_SIZE: 7 scales, 1x1 ... 16x16 tokens
 SUPERSAMPLING = 4  # shapes are drawn 4x larger and box-filtered down, for smooth edges
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -242,7 +243,7 @@ def main():
             "kind": concept.kind,
             "colour": concept.colour,
             "image_size": IMAGE_SIZE,
-            "pn": "0.06M",
+            "pn": PN,
             "prompt_template": "a photo of a {}",
         }
     with open(os.path.join(args.out, "concepts.json"), "w") as f:

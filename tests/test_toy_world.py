@@ -21,6 +21,11 @@ NUM_IMAGES = 8
 MARGIN = 0.15
 
 
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return InfinityPipeline.from_pretrained(TOY_MODEL)
+
+
 def pixels(images):
     return np.stack([np.asarray(im) for im in images])
 
@@ -60,11 +65,6 @@ def test_committed_concepts_have_images_at_the_model_size_and_an_initializer_wor
         pieces = toy_pipe.tokenizer.tokenize(entry["initializer"])  # several pieces start from their mean
         assert toy_pipe.tokenizer.unk_token not in pieces
         assert entry["placeholder_token"] not in toy_pipe.tokenizer.get_vocab()
-
-
-@pytest.fixture(scope="module")
-def toy_pipe():
-    return InfinityPipeline.from_pretrained(TOY_MODEL)
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
