@@ -104,9 +104,11 @@ def residual_quantize(features: torch.Tensor, grids: Sequence[Grid], flip: BitFl
 
 
 def summed_codes_from_bits(bits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The inverse direction: per-scale bits (B, h, w, d) -> accumulated codes on the last grid."""
+    """The inverse direction: per-scale bits (B, h, w, d) -> accumulated codes on the last grid,
+    contiguous like the VAE's own quantizer output, so that decoding them reconstructs the image
+    as the VAE's encode-decode round trip does."""
     full = tuple(bits[-1].shape[1:3])
-    return sum(upsample_codes(bits_to_codes(b), full) for b in bits)
+    return sum(upsample_codes(bits_to_codes(b), full) for b in bits).contiguous()
 
 
 def random_bit_flip(strength: float, num_scales: int, generator: torch.Generator | None = None) -> BitFlip | None:

@@ -27,7 +27,7 @@ DEFAULT_CFG_INSERTION_LAYER = 0  # 0: guidance on the logits; -k: on the hidden 
 @dataclass
 class SamplingOutput:
     bits: list[torch.Tensor]  # per scale, (B, h, w, d) on the VAE grid
-    summed_codes: torch.Tensor  # B, d, H, W   input of the VAE decoder
+    summed_codes: torch.Tensor  # B, d, H, W   input of the VAE decoder (channels-last, as officially)
     head_logits: list[torch.Tensor] = field(default_factory=list)  # per scale raw head outputs (B or 2B rows)
     sample_logits: list[torch.Tensor] = field(default_factory=list)  # per scale, after 1/tau and guidance
 
@@ -116,7 +116,9 @@ def sample(
     ]
     patchify = cfg_model.spatial_patchify
     vae_grids = schedule.vae_grids(patchify)
-    summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device)
+    # channels-last: the official sampler sums permuted code tensors, so its decoder input has this
+    # layout, and the decoder's convolutions round by layout
+    summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device).to(memory_format=torch.channels_last)
     out = SamplingOutput(bits=[], summed_codes=summed)
 
     x = model.start_tokens(c)  # rows, 1, C
