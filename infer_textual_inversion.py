@@ -12,7 +12,9 @@ Besides this project's format it reads diffusers' `{token: tensor}` files and A1
 (`string_to_param`), when their vectors have the text encoder's width (2048 for flan-T5-XL).
 The tokens are added to the tokenizer exactly as training added them and the vectors are written
 into their embedding rows; prompts without a learned token encode exactly as with the base model.
-`<my-dog>:0.8` in a prompt scales that concept's vectors for that prompt.
+`<my-dog>:0.8` in a prompt weights that concept for that prompt: an input-mode concept's vectors
+are scaled by 0.8; an output-mode concept's features are 0.8 x its vectors + 0.2 x what T5
+outputs there for the initializer word (0 = the word, 1 = the concept).
 
 Generation goes through `infinity_t2i.pipeline.generate_images`, the function the training
 script's validation uses: image i of a prompt is drawn with seed `--seed + i`, whatever
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
+    TEXT_ENCODER_DTYPES,
     InfinityPipeline,
     generate_images,
     make_image_grid,
@@ -55,6 +58,7 @@ from infinity_t2i.textual_inversion import (
     expand_placeholders,
     is_hub_repo_id,
     load_learned_embeds,
+    set_output_rows,
     write_rows,
 )
 
@@ -80,7 +84,8 @@ def parse_args(argv=None):
     parser.add_argument("--model_revision", type=str, default=None, help="Revision of the Infinity hub repo.")
     parser.add_argument("--model_type", type=str, default="infinity_2b", choices=["infinity_2b", "infinity_8b"], help="Which released model (ignored for a local folder with infinity_config.json).")
     parser.add_argument("--text_encoder_name_or_path", type=str, default=None, help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).")
-    parser.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES), help="Weights of the transformer blocks and T5 (the VAE stays float32); default bfloat16 on CUDA, float32 on CPU.")
+    parser.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES), help="Weights of the transformer blocks (the VAE stays float32); default bfloat16 on CUDA, float32 on CPU.")
+    parser.add_argument("--text_encoder_dtype", type=str, default=None, choices=sorted(TEXT_ENCODER_DTYPES), help="flan-T5's weights; default float16 on CUDA (FFN outputs kept in float32, as officially), float32 on CPU.")
     parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
     # embeddings
     parser.add_argument("--learned_embeds", type=str, action="append", required=True, help="A .safetensors/.bin/.pt embedding, a folder with learned_embeds.safetensors, or a hub repo id; repeatable.")
@@ -88,7 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--revision", type=str, default=None, help="Revision of --learned_embeds hub repos.")
     parser.add_argument("--force", action="store_true", help="Use embeddings whose metadata names another model_type, base model or text encoder.")
     # prompts
-    parser.add_argument("--prompt", type=str, action="append", default=None, help='A prompt, e.g. "a photo of a <my-dog>" or "a photo of a <my-dog>:0.8" (scaled vectors); repeatable.')
+    parser.add_argument("--prompt", type=str, action="append", default=None, help='A prompt, e.g. "a photo of a <my-dog>" or "a photo of a <my-dog>:0.8" (weighted concept); repeatable.')
     parser.add_argument("--prompt_file", type=str, default=None, help="A text file with one prompt per line (blank lines skipped).")
     parser.add_argument("--negative_prompt", type=str, default=None, help="Guides away from this prompt instead of the unconditional one.")
     # generation
@@ -239,15 +244,26 @@ def mismatches(concept: LearnedConcept, model_type: str, base_model: str, text_e
 
 @contextmanager
 def scaled_vectors(text_encoder, concepts: dict[str, LearnedConcept], token_ids: dict[str, list[int]], scales: dict[str, float]):
-    """The concepts' rows hold scale * vectors inside the block, the plain vectors after it."""
+    """A concept weighted by `<tok>:w` inside the block, as loaded after it. Input mode: its rows
+    hold w * vectors. Output mode (where a vector's scale means nothing: Infinity RMS-normalises
+    each text row): its features are w * vectors + (1 - w) * T5's own output there, which is the
+    initializer word's in context at w = 0."""
+
+    def put(placeholder: str, w: float) -> None:
+        concept, ids = concepts[placeholder], token_ids[placeholder]
+        if concept.mode == "output":
+            set_output_rows(text_encoder, ids, concept.vectors, weight=w)
+        else:
+            write_rows(text_encoder, ids, concept.vectors * w)
+
     changed = [p for p, s in scales.items() if s != 1.0]
     try:
         for placeholder in changed:
-            write_rows(text_encoder, token_ids[placeholder], concepts[placeholder].vectors * scales[placeholder])
+            put(placeholder, scales[placeholder])
         yield
     finally:
         for placeholder in changed:
-            write_rows(text_encoder, token_ids[placeholder], concepts[placeholder].vectors)
+            put(placeholder, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +332,7 @@ def main(args):
         torch_dtype=DTYPES[dtype_name],
         device=device,
         revision=args.model_revision,
+        text_encoder_dtype=TEXT_ENCODER_DTYPES.get(args.text_encoder_dtype),
     )
     token_ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, loaded)
     for concept in loaded:
@@ -370,6 +387,7 @@ def main(args):
         "args": vars(args),
         "device": str(pipe.device),
         "dtype": dtype_name,
+        "text_encoder_dtype": str(pipe.text_encoder.dtype).removeprefix("torch."),
         "text_encoder": text_encoder_name,
         "h_div_w_template": template,
         "image_size": [height, width],

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
+    TEXT_ENCODER_DTYPES,
     InfinityPipeline,
     generate_images,
     make_image_grid,
@@ -42,20 +43,23 @@ from infinity_t2i.pipeline import (
     resolve_text_encoder,
 )
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
-from infinity_t2i.text import encode_prompt
+from infinity_t2i.text import TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
     TEMPLATES,
+    TI_MODES,
     ConceptError,
     LearnedConcept,
-    LearnedEmbeddings,
+    LearnedVectors,
     add_placeholder_tokens,
     ensure_embedding_rows,
     expand_placeholders,
+    initializer_pieces,
     initializer_vectors,
     mean_embedding_norm,
     placeholder_tokens,
     save_learned_embeds,
+    set_output_rows,
     write_rows,
 )
 from infinity_t2i.training import bitwise_loss, make_training_inputs
@@ -83,7 +87,8 @@ def parse_args(argv=None):
     # concept
     parser.add_argument("--placeholder_token", type=str, required=True, help="A new token standing for the concept, e.g. <my-dog>.")
     parser.add_argument("--initializer_token", type=str, required=True, help="A word close to the concept; its embedding starts the learned vectors.")
-    parser.add_argument("--num_vectors", type=int, default=1, help="How many vectors the concept gets (tokens <tok>, <tok>_1, ...).")
+    parser.add_argument("--num_vectors", type=int, default=1, help="At least this many vectors (tokens <tok>, <tok>_1, ...); an initializer of k word pieces gives at least k, one per piece.")
+    parser.add_argument("--ti_mode", type=str, default="output", choices=TI_MODES, help="output: learn T5's output feature at the token (T5 runs once, not per step); input: learn the token's T5 input embedding.")
     parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Caption templates for an object or a style.")
     # data
     parser.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (jpg/png/webp), optionally with metadata.jsonl or .txt captions.")
@@ -103,8 +108,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_epochs", type=int, default=100)
     parser.add_argument("--max_train_steps", type=int, default=2000, help="Total optimisation steps; overrides --num_train_epochs.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimisation step.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute T5 and Infinity block activations in the backward pass to save memory.")
-    parser.add_argument("--learning_rate", type=float, default=5e-3, help="Learning rate (after warmup).")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute Infinity block (and, in input mode, T5) activations in the backward pass to save memory.")
+    parser.add_argument("--learning_rate", type=float, default=2e-2, help="Learning rate (after warmup); with --hold_norm about the angle in radians a vector turns per step.")
+    parser.add_argument("--hold_norm", action=argparse.BooleanOptionalAction, default=True, help="Keep each vector's starting norm and train only its direction (no norm inflation; one learning rate fits every model); --no-hold_norm trains the vectors freely.")
     parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation steps x batch size.")
     parser.add_argument("--lr_scheduler", type=str, default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate schedule.")
@@ -119,7 +125,8 @@ def parse_args(argv=None):
     parser.add_argument("--self_correction_scales", type=int, default=13, help="Flip bits on this many coarsest scales.")
     parser.add_argument("--train_scales", type=int, default=None, help="Train on the first K scales only (coarse scales carry a concept's identity; K=10 at 1M costs what 0.25M does). Default: all.")
     parser.add_argument("--reweight_loss_by_scale", action=argparse.BooleanOptionalAction, default=True, help="Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all tokens equally.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="bf16 runs the frozen T5 and Infinity blocks in bfloat16 (default: accelerate config).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="bf16 runs the frozen Infinity blocks in bfloat16, as officially (default: accelerate config).")
+    parser.add_argument("--text_encoder_dtype", type=str, default=None, choices=sorted(TEXT_ENCODER_DTYPES), help="flan-T5's weights; default float16 on a GPU (FFN outputs kept in float32, as the official code runs it), float32 on the CPU.")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     # logging, validation, saving
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
@@ -139,7 +146,7 @@ def parse_args(argv=None):
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
     if args.mixed_precision == "fp16":
-        parser.error("--mixed_precision fp16 is refused: flan-T5 overflows in float16 (it was trained in bfloat16); use bf16 or no")
+        parser.error("--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is --text_encoder_dtype); use bf16 or no")
     if args.hub_token is not None and args.report_to in ("wandb", "all"):
         parser.error("--hub_token with --report_to wandb would expose the token in the run's config; log in with `huggingface-cli login` instead")
     if args.train_scales is not None and args.train_scales < 2:
@@ -318,15 +325,35 @@ class SameShapeBatchSampler(torch.utils.data.Sampler):
         return len(self._batches())
 
 
+class CaptionFeatures:
+    """Output mode: T5 features of every caption the run can draw, encoded once and one caption
+    at a time (as inference encodes a prompt), so T5 runs neither per step nor for gradients."""
+
+    def __init__(self, tokenizer, text_encoder, captions: list[str]):
+        self.rows = {}
+        with torch.no_grad():
+            for caption in captions:
+                features = encode_prompt(tokenizer, text_encoder, [caption]).features[0]  # Lt, C
+                self.rows[caption] = (tokenize(tokenizer, [caption])[0][0].to(features.device), features)
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, TextCondition]:
+        """Token ids (B, Lt) and features of the captions, padded to the longest."""
+        ids, features = zip(*(self.rows[c] for c in captions))
+        pad = torch.nn.utils.rnn.pad_sequence
+        mask = pad([torch.ones(len(i), dtype=torch.bool, device=i.device) for i in ids], batch_first=True)
+        return pad(ids, batch_first=True), TextCondition(pad(features, batch_first=True), mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
 
 
-def concept_of(args, learned: LearnedEmbeddings, tokens: list[str], tokenizer, step: int) -> LearnedConcept:
+def concept_of(args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_input: torch.Tensor | None, step: int) -> LearnedConcept:
     metadata = {
         "initializer_token": args.initializer_token,
         "num_vectors": len(tokens),
+        "hold_norm": args.hold_norm,
         "learnable_property": args.learnable_property,
         "base_model": args.pretrained_model_name_or_path,
         "model_type": args.model_type,
@@ -335,7 +362,8 @@ def concept_of(args, learned: LearnedEmbeddings, tokens: list[str], tokenizer, s
         "pn": args.pn,
         "step": step,
     }
-    return LearnedConcept(args.placeholder_token, tokens, learned.weight.detach().float().cpu(), metadata)
+    vectors = learned.vectors.detach().float().cpu()
+    return LearnedConcept(args.placeholder_token, tokens, vectors, metadata, mode=args.ti_mode, t5_input=t5_input)
 
 
 def write_text(path: str, text: str) -> None:
@@ -437,22 +465,40 @@ def main(args):
         torch_dtype=weight_dtype,
         device=accelerator.device,
         revision=args.revision,
+        text_encoder_dtype=TEXT_ENCODER_DTYPES.get(args.text_encoder_dtype),
     )
     tokenizer, text_encoder, transformer, vae = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.vae
 
-    # 4. The placeholder tokens and their trainable vectors.
-    tokens = placeholder_tokens(args.placeholder_token, args.num_vectors)
+    # 4. The placeholder tokens and their trainable vectors. An initializer of k word pieces gives
+    #    k vectors, one per piece, so that at step 0 the concept draws what the word draws.
+    embedding = text_encoder.get_input_embeddings()
+    pieces = initializer_pieces(tokenizer, args.initializer_token)
+    start = initializer_vectors(embedding.weight[pieces], args.num_vectors)
+    tokens = placeholder_tokens(args.placeholder_token, start.shape[0])
+    logger.info(f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) {tokens}")
     token_ids = add_placeholder_tokens(tokenizer, tokens)
     ensure_embedding_rows(text_encoder, len(tokenizer))
     embedding = text_encoder.get_input_embeddings()
-    learned = LearnedEmbeddings(token_ids, initializer_vectors(tokenizer, embedding.weight, args.initializer_token, args.num_vectors)).to(accelerator.device)
     vocab_norm = mean_embedding_norm(embedding.weight, len(tokenizer) - len(tokens))
     concept_tokens = {args.placeholder_token: tokens}
+    t5_input = None
+    if args.ti_mode == "output":
+        t5_input = start
+        # T5 reads the initializer's pieces at the tokens (so the prompt around them encodes as with
+        # the word), and the vectors start at T5's output there in the first caption template
+        write_rows(text_encoder, token_ids, start)
+        first_caption = expand_placeholders(TEMPLATES[args.learnable_property][0].format(args.placeholder_token), concept_tokens)
+        with torch.no_grad():
+            ids, _ = tokenize(tokenizer, [first_caption])
+            features = encode_prompt(tokenizer, text_encoder, [first_caption]).features[0]
+        start = torch.stack([features[int((ids[0] == i).nonzero()[0, 0])] for i in token_ids]).cpu()
+    learned = LearnedVectors(token_ids, start, hold_norm=args.hold_norm).to(accelerator.device)
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
     #    learned vectors are kept.
     if args.gradient_checkpointing:
         transformer.gradient_checkpointing = True
+    if args.gradient_checkpointing and args.ti_mode == "input":
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         text_encoder.train()  # HF checkpoints only in train mode; dropout is switched off instead
         for module in text_encoder.modules():
@@ -470,6 +516,15 @@ def main(args):
                 [vae.encode(p.unsqueeze(0).to(accelerator.device))[0] for p in variants]
                 for variants in tqdm(pixels, desc="Encoding images", disable=not accelerator.is_local_main_process)
             ]
+    caption_features = None
+    if args.ti_mode == "output":
+        templates = TEMPLATES[args.learnable_property]
+        captions = {e.caption for e in examples if e.caption is not None} | {t.format(args.placeholder_token) for t in templates}
+        caption_features = CaptionFeatures(tokenizer, text_encoder, sorted(expand_placeholders(c, concept_tokens) for c in captions))
+        if accelerator.device.type == "cuda":  # T5 is not needed until validation, which encodes on the CPU
+            text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+            logger.info(f"flan-T5 moved to the CPU after encoding {len(captions)} captions ({sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30:.2f} GiB of GPU memory freed)")
     dataset = RepeatedIndices(len(examples), args.repeats)
     batch_sampler = SameShapeBatchSampler(dataset, [s.grids for s in schedules], args.train_batch_size, args.seed)
     train_dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
@@ -526,7 +581,7 @@ def main(args):
     logger.info(f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}")
 
     def save_embedding(path: str, step: int) -> None:
-        save_learned_embeds(path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, step))
+        save_learned_embeds(path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, t5_input, step))
 
     last_grid = None
 
@@ -534,7 +589,11 @@ def main(args):
         nonlocal last_grid
         if not args.validation_prompt or not accelerator.is_main_process:
             return
-        write_rows(text_encoder, token_ids, accelerator.unwrap_model(learned).weight)  # as inference will
+        vectors = accelerator.unwrap_model(learned).vectors  # put in place as inference will
+        if args.ti_mode == "output":
+            set_output_rows(text_encoder, token_ids, vectors)
+        else:
+            write_rows(text_encoder, token_ids, vectors)
         was_training = text_encoder.training
         text_encoder.eval()
         prompts = [expand_placeholders(p, concept_tokens) for p in args.validation_prompt]
@@ -583,7 +642,11 @@ def main(args):
                         templates = TEMPLATES[args.learnable_property]
                         captions.append(templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(args.placeholder_token))
                 captions = [expand_placeholders(c, concept_tokens) for c in captions]
-                text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=lambda ids: learned(ids, embedding))
+                if caption_features is None:
+                    text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=lambda ids: learned(ids, embedding(ids)))
+                else:
+                    input_ids, text = caption_features(captions)
+                    text = TextCondition(learned(input_ids, text.features), text.mask)
                 logits = transformer(text, inputs.x_tokens, schedule)
                 loss = bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
                 if not torch.isfinite(loss):
@@ -596,6 +659,7 @@ def main(args):
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
                 optimizer.step()
+                accelerator.unwrap_model(learned).project_()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -603,7 +667,7 @@ def main(args):
                 continue
             global_step += 1
             progress_bar.update(1)
-            vector_norm = accelerator.unwrap_model(learned).weight.detach().norm(dim=-1).mean().item()
+            vector_norm = accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item()
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "vector_norm": vector_norm, "vocab_mean_norm": vocab_norm}
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)

@@ -1,22 +1,30 @@
-"""Does textual inversion learn a concept? Measured on the toy world's held-out concepts.
+"""Does a learned token beat words? Measured on the toy world's held-out concepts.
 
 For each concept of examples/concepts/ (a pairing of kind and colour that pretraining never
-showed), with the fidelity recogniser of examples/toy_fidelity.py:
-  before   images of "a photo of a <initializer>" from the toy Infinity (what the prompt gives
-           without textual inversion)
-  after    images of "a photo of a <concept>" after textual inversion on the concept's images
-           (the training script, run as a user runs it, with the demo's settings)
-  ceiling  the concept's own images
-Same seeds before and after. Prints a markdown table and writes a grid per concept (rows:
-before, after, own images).
+showed), with the fidelity recogniser of examples/toy_fidelity.py (P(kind) x P(colour)):
+  words     images of the best plain-words description (`words_prompt` in concepts.json,
+            "a photo of a pink cross"): the strongest simple alternative to a learned token
+  SETTING   images of "a photo of a <concept>" after textual inversion with the training script's
+            default recipe plus the setting's flags, one run per training seed
+  ceiling   the concept's own images
+each without and with a background in the prompt ("... on grass", "... in the sky", "... at
+night", pooled). A cell is the mean over training seeds of each run's mean fidelity, ± the standard
+error of those run means, and the worst run; words and the ceiling have no training seed (± is
+then the standard error over images). Same sampling seeds everywhere.
 
-    python benchmarks/bench_toy_fidelity.py                  # ~6 minutes on 2 CPU cores
+    python benchmarks/bench_toy_fidelity.py                                      # default recipe, seeds 0 1 2
+    python benchmarks/bench_toy_fidelity.py --setting input="--ti_mode input" --setting "free=--no-hold_norm"
+
+Each run is the training script in its own process (200 steps, batch 4, 0.06M: the issue's
+budget) and takes about a minute on 2 CPU cores; the raw scores go to results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import time
 
@@ -25,53 +33,97 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+import toy_fidelity  # noqa: E402
+import toy_world  # noqa: E402
 
-import toy_fidelity
-import toy_world
+from infinity_t2i.pipeline import InfinityPipeline  # noqa: E402
+from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds  # noqa: E402
 
-from infinity_t2i.pipeline import make_image_grid
+BACKGROUNDS = ("grass", "sky", "night")
 
 
-def cell(scores: torch.Tensor) -> str:
-    """mean ± standard error"""
-    return f"{scores.mean():.3f} ± {scores.std() / len(scores) ** 0.5:.3f}"
+def prompts_for(subject: str) -> dict[str, list[str]]:
+    """The plain prompt, and the same subject on each background."""
+    return {
+        "plain": [f"a photo of a {subject}"],
+        "background": [f"a photo of a {subject} {toy_world.BACKGROUNDS[b][1]}" for b in BACKGROUNDS],
+    }
+
+
+def score_prompts(scorer, pipe, name: str, prompts: dict[str, list[str]], num_images: int) -> dict[str, list[float]]:
+    """Fidelity of every image, per prompt group (num_images per prompt)."""
+    return {
+        group: [s for p in texts for s in scorer.score(toy_fidelity.generate(pipe, p, num_images, seed=0), name).tolist()]
+        for group, texts in prompts.items()
+    }
+
+
+def image_cell(scores: list[float]) -> str:
+    t = torch.tensor(scores)
+    return f"{t.mean():.3f} ± {t.std() / len(t) ** 0.5:.3f}"
+
+
+def run_cell(runs: list[list[float]]) -> str:
+    """mean ± s.e. of the run means (worst run)"""
+    means = torch.tensor([sum(r) / len(r) for r in runs])
+    se = means.std() / len(means) ** 0.5 if len(means) > 1 else torch.tensor(float("nan"))
+    return f"{means.mean():.3f} ± {se:.3f} (worst {means.min():.3f})"
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description="Fidelity of the toy world's held-out concepts before and after textual inversion.")
+    p = argparse.ArgumentParser(description="Fidelity of learned tokens against the best words, on the toy world's held-out concepts.")
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
     p.add_argument("--concepts_dir", default=os.path.join(ROOT, "examples", "concepts"))
     p.add_argument("--concept", action="append", choices=sorted(toy_world.HELD_OUT_CONCEPTS), help="Default: all.")
-    p.add_argument("--num_images", type=int, default=16, help="Generated images per prompt (seeds 0, 1, ...).")
+    p.add_argument("--setting", action="append", default=None, help='NAME=FLAGS: training flags on top of the default recipe (repeatable); default: "default=" alone.')
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
+    p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "toy-fidelity"))
-    p.add_argument("training_args", nargs="*", help="Extra flags for the training script after --, e.g. -- --max_train_steps 400.")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
+    settings = dict(s.split("=", 1) for s in (args.setting or ["default="]))
+    names = args.concept or list(toy_world.HELD_OUT_CONCEPTS)
     scorer = toy_fidelity.FidelityScorer()
-    rows = []
-    for name in args.concept or list(toy_world.HELD_OUT_CONCEPTS):
-        start = time.time()
-        embedding_dir = os.path.join(args.output_dir, name)
-        toy_fidelity.train_concept(args.pretrained_model_name_or_path, args.concepts_dir, name, embedding_dir, *args.training_args)
-        trained = time.time() - start
-        before, after = toy_fidelity.before_and_after(args.pretrained_model_name_or_path, embedding_dir, name, args.num_images, seed=0)
-        own = toy_fidelity.concept_images(args.concepts_dir, name)
-        scores = [scorer.score(images, name) for images in (before, after, own)]
-        n = min(len(own), args.num_images)
-        grid = make_image_grid(before[:n] + after[:n] + own[:n], rows=3)
-        grid.save(os.path.join(args.output_dir, f"{name}.png"))
-        rows.append((name, toy_world.HELD_OUT_CONCEPTS[name].initializer, *scores, trained))
-        print(f"{name}: before {scores[0].mean():.3f}, after {scores[1].mean():.3f}, own images {scores[2].mean():.3f} (training {trained:.0f}s)", flush=True)
+    results_path = os.path.join(args.output_dir, "results.json")
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    for name in names:
+        concept = toy_world.HELD_OUT_CONCEPTS[name]
+        entry = results.setdefault(name, {"runs": {}})
+        base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        entry["words"] = score_prompts(scorer, base, name, prompts_for(concept.words_prompt.removeprefix("a photo of a ")), args.num_images)
+        entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), name).tolist()
+        for setting, flags in settings.items():
+            for seed in args.seeds:
+                start = time.time()
+                out = os.path.join(args.output_dir, setting, f"{name}-seed{seed}")
+                toy_fidelity.train_concept(args.pretrained_model_name_or_path, args.concepts_dir, name, out, "--seed", str(seed), *shlex.split(flags))
+                trained = time.time() - start
+                pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
+                concepts = load_learned_embeds(out)
+                apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
+                subject = expand_placeholders(f"<{name}>", {c.placeholder: c.tokens for c in concepts})
+                scores = score_prompts(scorer, pipe, name, prompts_for(subject), args.num_images)
+                entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
+                plain = sum(scores["plain"]) / len(scores["plain"])
+                print(f"{name} {setting} seed {seed}: {plain:.3f} (words {sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)", flush=True)
+                with open(results_path + ".tmp", "w") as f:
+                    json.dump(results, f)
+                os.replace(results_path + ".tmp", results_path)
 
-    print(f"\nfidelity = P(kind) x P(colour) by the recogniser, mean ± standard error over {args.num_images} images (own: the concept's images)\n")
-    print("| concept | before TI (\"a photo of a <initializer>\") | after TI (\"a photo of a <concept>\") | ceiling (own images) | TI time |")
-    print("|---|---|---|---|---|")
-    for name, initializer, before, after, own, trained in rows:
-        print(f"| <{name}> | {cell(before)} (\"{initializer}\") | {cell(after)} | {cell(own)} | {trained:.0f} s |")
-    print(f"\ngrids (rows: before, after, own images) in {args.output_dir}")
+    print(f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training seeds {args.seeds} (worst run)\n")
+    print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
+    print("|---|---|---|" + "---|" * len(settings) + "---|")
+    for name in names:
+        entry = results[name]
+        for group in ("plain", "background"):
+            cells = [run_cell([run[group] for run in entry["runs"].get(s, {}).values()]) if entry["runs"].get(s) else "" for s in settings]
+            ceiling = image_cell(entry["ceiling"]) if group == "plain" else ""
+            print(f"| <{name}> | {group} | {image_cell(entry['words'][group])} | " + " | ".join(cells) + f" | {ceiling} |")
+    print(f"\nraw scores: {results_path}")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
     python benchmarks/bench_train_step.py --trace_memory --pn 0.25M 1M  # 2B memory, no GPU needed
 
 For each pn it times a no-grad forward of the batch (T5 + transformer + loss), this project's TI
-step, and the naive step (the whole T5 embedding matrix in AdamW, prompts padded to 512 tokens,
-the VAE re-encoding the images every step, attention with a dense block-causal mask, no
-checkpointing), then the levers one at a time. Memory is the CUDA peak on a GPU; on the CPU it is
+step in input mode (through T5) and in output mode (cached T5 features, no T5), and the naive
+step (the whole T5 embedding matrix in AdamW, prompts padded to 512 tokens, the VAE re-encoding
+the images every step, attention with a dense block-causal mask, no checkpointing), then the levers one at a time. Memory is the CUDA peak on a GPU; on the CPU it is
 the bytes autograd saves for the backward pass (the part of the peak the levers change).
 Random weights: speed and memory do not depend on them. `--model infinity_2b` builds the full 2B
 transformer and a flan-t5-xl-shaped encoder.
@@ -42,7 +42,7 @@ import infinity_t2i.transformer as transformer_module  # noqa: E402
 from infinity_t2i.config import MODEL_PRESETS  # noqa: E402
 from infinity_t2i.resolution import get_schedule  # noqa: E402
 from infinity_t2i.text import TextCondition, encode_prompt  # noqa: E402
-from infinity_t2i.textual_inversion import LearnedEmbeddings, add_placeholder_tokens  # noqa: E402
+from infinity_t2i.textual_inversion import LearnedVectors, add_placeholder_tokens  # noqa: E402
 from infinity_t2i.training import bitwise_loss, make_training_inputs  # noqa: E402
 from infinity_t2i.transformer import InfinityTransformer  # noqa: E402
 from infinity_t2i.vae import BSQVAE  # noqa: E402
@@ -117,9 +117,12 @@ class Setup:
         embedding = text_encoder.get_input_embeddings()
         if embedding.num_embeddings <= self.token_id:
             text_encoder.resize_token_embeddings(self.token_id + 1)
-        self.learned = LearnedEmbeddings([self.token_id], embedding.weight[:1].float().clone()).to(device)
+        self.learned = LearnedVectors([self.token_id], embedding.weight[:1].float().clone()).to(device)
         self.optimizer = torch.optim.AdamW(self.learned.parameters(), lr=1e-3)
         self.device = device
+        with torch.no_grad():  # output mode: the caption's T5 features, encoded once
+            self.input_ids = torch.tensor([tokenizer(PROMPT).input_ids], device=device)
+            self.cached = encode_prompt(tokenizer, text_encoder, [PROMPT])
 
     def loss(self, text: TextCondition, features: torch.Tensor) -> torch.Tensor:
         inputs = make_training_inputs(features, self.schedule, self.transformer.config.spatial_patchify)
@@ -127,7 +130,7 @@ class Setup:
 
     def encode(self) -> TextCondition:
         embedding = self.text_encoder.get_input_embeddings()
-        return encode_prompt(self.tokenizer, self.text_encoder, [PROMPT], embed_tokens=lambda ids: self.learned(ids, embedding))
+        return encode_prompt(self.tokenizer, self.text_encoder, [PROMPT], embed_tokens=lambda ids: self.learned(ids, embedding(ids)))
 
     @torch.no_grad()
     def forward(self):
@@ -136,6 +139,13 @@ class Setup:
     def ours(self):
         loss = self.loss(self.encode(), self.features)
         loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def ours_output_mode(self):
+        """--ti_mode output: the learned vector written over the cached T5 features, no T5 at all."""
+        text = TextCondition(self.learned(self.input_ids, self.cached.features), self.cached.mask)
+        self.loss(text, self.features).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -221,8 +231,9 @@ class LiveStorageBytes(TorchDispatchMode):
         return out
 
 
-def trace_memory(pn: str, checkpointing: bool) -> tuple[int, int, int]:
-    """(weight bytes, step peak bytes, tokens) of a TI step of the 2B shapes, on fake tensors."""
+def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, int]:
+    """(weight bytes, step peak bytes, tokens) of a TI step of the 2B shapes, on fake tensors. In
+    output mode T5 is not on the device (the captions were encoded before the loop)."""
     from transformers import T5Config, T5EncoderModel
 
     with torch.device("meta"):
@@ -235,19 +246,24 @@ def trace_memory(pn: str, checkpointing: bool) -> tuple[int, int, int]:
         transformer.to_empty(device="cpu")
         t5.to_empty(device="cpu")
         schedule = get_schedule(1.0, pn)
-        weights = sum(t.numel() * t.element_size() for m in (transformer, t5, vae) for t in m.state_dict().values())
+        on_device = (transformer, vae) if ti_mode == "output" else (transformer, t5, vae)
+        weights = sum(t.numel() * t.element_size() for m in on_device for t in m.state_dict().values())
         token_id = 32100
-        learned = LearnedEmbeddings([token_id], torch.zeros(1, 2048))
+        learned = LearnedVectors([token_id], torch.zeros(1, 2048))
         optimizer = torch.optim.AdamW(learned.parameters(), lr=1e-3)
         input_ids = torch.tensor([[3, 9, 1712, 13, 3, 9, token_id, 30, 8, 2608, 1]])  # ~ "a photo of a <tok> on the beach"
         mask = torch.ones_like(input_ids)
         x_tokens = torch.randn(1, schedule.total_len - 1, 32)
         labels = torch.randint(0, 2, (1, schedule.total_len, 32))
-        existing = [*transformer.state_dict().values(), *t5.state_dict().values(), learned.weight, input_ids, mask, x_tokens, labels]
+        cached = torch.randn(1, input_ids.shape[1], 2048)  # output mode: the caption's T5 features
+        existing = [*transformer.state_dict().values(), *t5.state_dict().values(), learned.weight, input_ids, mask, x_tokens, labels, cached]
         tracker = LiveStorageBytes(existing)
         with tracker:
-            embeds = learned(input_ids, t5.get_input_embeddings())
-            hidden = t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
+            if ti_mode == "output":
+                hidden = learned(input_ids, cached)
+            else:
+                embeds = learned(input_ids, t5.get_input_embeddings()(input_ids))
+                hidden = t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
             logits = transformer(TextCondition(hidden, mask), x_tokens, schedule)
             bitwise_loss(logits, labels, schedule, True).backward()
             optimizer.step()
@@ -265,18 +281,20 @@ def main():
     torch.manual_seed(0)
     if args.trace_memory:
         print("Infinity-2B + flan-t5-xl encoder (bf16) + BSQ-VAE (fp32), batch 1, traced on fake tensors")
-        print(f"{'pn':>6} {'tokens':>6} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} {'total':>9}")
+        print(f"{'pn':>6} {'tokens':>6} | {'ti_mode':>7} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} {'total':>9}")
         for pn in args.pn:
-            for checkpointing in (False, True):
-                weights, peak, tokens = trace_memory(pn, checkpointing)
-                print(f"{pn:>6} {tokens:>6} | {str(checkpointing):>13} | {gib(weights):>9} {gib(peak):>10} {gib(weights + peak):>9}")
+            for ti_mode in ("input", "output"):
+                for checkpointing in (False, True):
+                    weights, peak, tokens = trace_memory(pn, checkpointing, ti_mode)
+                    print(f"{pn:>6} {tokens:>6} | {ti_mode:>7} | {str(checkpointing):>13} | {gib(weights):>9} {gib(peak):>10} {gib(weights + peak):>9}")
         return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     models = build(args.model, args.device, dtype)
     memory_kind = "CUDA peak" if args.device.startswith("cuda") else "saved for backward"
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {args.model}, {name}, weights {str(dtype).removeprefix('torch.')}, memory = {memory_kind}")
-    print(f"{'pn':>6} {'tokens':>6} | {'forward':>9} | {'TI step':>9} {'ratio':>6} {'memory':>10} | {'naive step':>10} {'memory':>10} {'naive/ours':>10}")
+    print(f"{'pn':>6} {'tokens':>6} | {'forward':>9} | {'TI step':>9} {'ratio':>6} {'memory':>10} | {'output':>9} {'ratio':>6} {'memory':>10} | "
+          f"{'naive step':>10} {'memory':>10} {'naive/ours':>10}")  # fmt: skip
     levers = []
     for pn in args.pn:
         setup = Setup(*models, pn, args.device)
@@ -284,11 +302,13 @@ def main():
         transformer.gradient_checkpointing = args.device.startswith("cuda")  # the memory lever GPUs need
         forward, _ = measure(setup.forward, args.device, args.repeats)
         ours, ours_mem = measure(setup.ours, args.device, args.repeats)
+        output_mode, output_mem = measure(setup.ours_output_mode, args.device, args.repeats)
         transformer.gradient_checkpointing = False
         with attention("masked"):
             naive, naive_mem = measure(setup.naive, args.device, args.repeats)
         setup.end_naive()
         print(f"{pn:>6} {setup.schedule.total_len:>6} | {forward:>8.3f}s | {ours:>8.3f}s {ours / forward:>5.2f}x {gib(ours_mem):>10} | "
+              f"{output_mode:>8.3f}s {output_mode / forward:>5.2f}x {gib(output_mem):>10} | "
               f"{naive:>9.3f}s {gib(naive_mem):>10} {naive / ours:>9.2f}x")  # fmt: skip
         # the levers, each against this project's step without it
         transformer.gradient_checkpointing = False

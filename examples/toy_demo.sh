@@ -14,7 +14,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --pretrained_model_name_or_path examples/toy-infinity \
   --train_data_dir examples/concepts/pink-cross \
   --placeholder_token "<pink-cross>" --initializer_token cross \
-  --pn 0.06M --train_batch_size 4 --max_train_steps 200 --learning_rate 2e-2 \
+  --pn 0.06M --train_batch_size 4 --max_train_steps 200 \
   --validation_prompt "a photo of a <pink-cross>" --validation_steps 50 \
   --seed 0 --output_dir "$out/embedding"
 

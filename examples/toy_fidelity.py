@@ -54,7 +54,7 @@ COLOUR_NAMES = tuple(toy_world.COLOURS)
 TRAINING_SEED = 777_000  # far from the seeds of the pretraining set and the concept images
 PROMPT_TEMPLATE = "a photo of a {}"
 # Textual-inversion settings of the demo (examples/toy_demo.sh), the benchmark and the test.
-TOY_TRAINING_ARGS = ("--pn", toy_world.PN, "--train_batch_size", "4", "--max_train_steps", "200", "--learning_rate", "2e-2", "--seed", "0")
+TOY_TRAINING_ARGS = ("--pn", toy_world.PN, "--train_batch_size", "4", "--max_train_steps", "200", "--seed", "0")  # the default recipe
 
 
 class ToyRecogniser(nn.Module):

@@ -104,6 +104,11 @@ class HeldOutConcept:
         """The closest one word gets: the kind."""
         return self.kind
 
+    @property
+    def words_prompt(self) -> str:
+        """The best plain-words description, the baseline a learned token must beat."""
+        return f"a photo of a {self.colour} {self.kind}"
+
 
 HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
     c.name: c
@@ -245,6 +250,7 @@ def main():
             "image_size": IMAGE_SIZE,
             "pn": PN,
             "prompt_template": "a photo of a {}",
+            "words_prompt": concept.words_prompt,
         }
     with open(os.path.join(args.out, "concepts.json"), "w") as f:
         json.dump(metadata, f, indent=2)

@@ -74,8 +74,20 @@ def load_vae(path: str, preset: ModelPreset, device) -> BSQVAE:
     return vae.to(device).eval().requires_grad_(False)
 
 
+TEXT_ENCODER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_text_encoder_dtype(device) -> torch.dtype:
+    """flan-T5 as the official code runs it on a GPU: float16, with transformers keeping T5's FFN
+    output layers in float32 (its `_keep_in_fp32_modules`), which stops the overflow of plain
+    float16 and is ~10x closer to float32 features than bfloat16 (benchmarks/bench_t5_precision.py).
+    float32 on the CPU, where float16 is slow."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: str | None = None):
-    """flan-T5 tokenizer and encoder (the encoder half only, frozen)."""
+    """flan-T5 tokenizer and encoder (the encoder half only, frozen). Loaded in `dtype` by
+    `from_pretrained` and never cast afterwards: a later `.half()` would undo the float32 FFN outputs."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     try:
@@ -114,17 +126,19 @@ class InfinityPipeline:
         torch_dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        text_encoder_dtype: torch.dtype | None = None,
     ) -> "InfinityPipeline":
         """Loads from a hub repo id (FoundationVision/Infinity file names) or a local folder with
-        the same file names. `torch_dtype` applies to the transformer blocks and T5; the VAE and
-        the transformer's float32 parts stay float32, as in the official bf16 inference."""
+        the same file names. `torch_dtype` applies to the transformer blocks; the VAE and the
+        transformer's float32 parts stay float32, as in the official bf16 inference. T5 runs in
+        `text_encoder_dtype` (default: `default_text_encoder_dtype(device)`)."""
         preset = resolve_preset(pretrained_model_name_or_path, model_type)
         transformer_path = resolve_model_file(pretrained_model_name_or_path, preset.transformer_file, revision)
         vae_path = resolve_model_file(pretrained_model_name_or_path, preset.vae_file, revision)
         transformer = load_transformer(transformer_path, preset, torch_dtype, device)
         vae = load_vae(vae_path, preset, device)
         text_encoder_path = resolve_text_encoder(pretrained_model_name_or_path, text_encoder_name_or_path, preset)
-        tokenizer, text_encoder = load_text_encoder(text_encoder_path, torch_dtype, device, None)
+        tokenizer, text_encoder = load_text_encoder(text_encoder_path, text_encoder_dtype or default_text_encoder_dtype(device), device, None)
         return cls(transformer, vae, tokenizer, text_encoder)
 
     def save_pretrained(self, directory: str) -> None:
@@ -157,7 +171,8 @@ class InfinityPipeline:
         return get_schedule(h_div_w, pn)
 
     def encode_prompt(self, prompts: Sequence[str]) -> TextCondition:
-        return encode_prompt(self.tokenizer, self.text_encoder, prompts)
+        # T5 may live on another device than the transformer (training offloads it in output mode)
+        return encode_prompt(self.tokenizer, self.text_encoder, prompts).to(self.device)
 
     @torch.no_grad()
     def __call__(

@@ -1,11 +1,19 @@
 """Textual inversion on flan-T5: placeholder tokens, their learned vectors, and the file format.
 
-A concept is one placeholder (`<my-dog>`) with `num_vectors` vectors; vector i > 0 gets its own
+A concept is one placeholder (`<my-dog>`) with one or more vectors; vector i > 0 gets its own
 token `<my-dog>_i`, and prompts name only the placeholder, which `expand_placeholders` turns into
 all its tokens. New tokens take flan-T5's spare embedding rows (32128 rows for 32100 tokens); the
-matrix only ever grows. During training the vectors live outside the frozen matrix as a float32
-parameter (`LearnedEmbeddings`); generation writes them into their rows (`write_rows`), which is
-what inference does after loading a file (`apply_concepts`).
+matrix only ever grows. A concept lives in one of two places (`TI_MODES`):
+
+- input: the vectors are the tokens' rows of T5's input embedding; T5's 24 layers mix them with
+  the prompt. Generation writes them into their rows (`write_rows`).
+- output: the vectors are T5's output features at the tokens' positions, written over
+  `last_hidden_state` before Infinity reads it (ARBooth's choice). T5 reads fixed rows there
+  (`t5_input`: the initializer word's), so the rest of the prompt encodes as with that word.
+  Generation installs them with `set_output_rows` (a forward hook on the encoder).
+
+During training the vectors live outside the frozen model as a float32 parameter
+(`LearnedVectors`); inference loads a file and `apply_concepts` puts each concept in its place.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -26,6 +35,8 @@ from .text import SPACE_PIECE
 
 FORMAT = "infinity-textual-inversion/1"
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"
+TI_MODES = ("input", "output")
+T5_INPUT_SUFFIX = ".t5_input"  # file key of an output-mode concept's fixed T5 input rows
 
 
 class ConceptError(ValueError):
@@ -102,43 +113,120 @@ def ensure_embedding_rows(text_encoder, num_tokens: int) -> None:
         text_encoder.resize_token_embeddings(num_tokens)
 
 
-def initializer_vectors(tokenizer, embedding_weight: torch.Tensor, initializer: str, num_vectors: int) -> torch.Tensor:
-    """Starting vectors (num_vectors, C) from the embedding of an initializer word.
-
-    A word that is one piece starts every vector; a word of exactly `num_vectors` pieces starts
-    one vector per piece, in order; otherwise every vector starts at the mean of the pieces."""
+def initializer_pieces(tokenizer, initializer: str) -> list[int]:
+    """Token ids of the initializer word, without bare word-boundary pieces."""
     space = tokenizer.convert_tokens_to_ids(SPACE_PIECE)
     ids = [i for i in tokenizer(initializer, add_special_tokens=False).input_ids if i != space]
     if not ids:
         raise ConceptError(f"initializer token {initializer!r} is empty after tokenization; give a word such as 'dog'")
     if tokenizer.unk_token_id in ids:
         raise ConceptError(f"initializer token {initializer!r} is unknown to the tokenizer (it maps to <unk>); give a word it knows")
-    pieces = embedding_weight[ids].float()
-    if len(ids) == num_vectors:
-        return pieces.clone()
-    return pieces.mean(0, keepdim=True).repeat(num_vectors, 1)
+    return ids
 
 
-class LearnedEmbeddings(nn.Module):
-    """The learned vectors (num_tokens, C) in float32, swapped in where their tokens occur."""
+def initializer_vectors(pieces: torch.Tensor, num_vectors: int) -> torch.Tensor:
+    """Starting vectors from the k pieces (k, C) of the initializer word: max(num_vectors, k)
+    vectors, vector i starting at piece i mod k. With k vectors the concept's tokens are the word's
+    own pieces, so at step 0 a prompt draws exactly what the word draws (a mean of the pieces
+    would not: it is no piece at all)."""
+    count = max(num_vectors, pieces.shape[0])
+    return pieces.float()[torch.arange(count) % pieces.shape[0]].clone()
 
-    def __init__(self, token_ids: list[int], init: torch.Tensor):
+
+def replace_rows(
+    input_ids: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rows (B, L, C) with vector i wherever token_ids[i] occurs in input_ids (B, L); with
+    `weights` (n,), w * vector + (1 - w) * the row it replaces."""
+    match = input_ids.unsqueeze(-1) == token_ids  # B, L, n
+    hit = match.any(-1, keepdim=True)
+    which = match.float().argmax(-1)  # B, L
+    new = vectors[which].to(rows.dtype)
+    if weights is not None:
+        w = weights.to(rows)[which].unsqueeze(-1)
+        new = w * new + (1 - w) * rows
+    return torch.where(hit, new, rows)
+
+
+class LearnedVectors(nn.Module):
+    """The learned vectors (num_tokens, C) in float32. `forward(input_ids, rows)` puts them over
+    `rows` (B, L, C) where their tokens occur: T5's input embeddings in input mode, its output
+    features in output mode.
+
+    With `hold_norm` each vector keeps its starting norm and only its direction trains (as
+    Directional Textual Inversion does against norm inflation). The parameter is then the
+    direction at unit element RMS, so an Adam step of lr turns a vector by about lr radians,
+    whatever the scale of the model's embeddings: one learning rate fits every model."""
+
+    def __init__(self, token_ids: list[int], init: torch.Tensor, hold_norm: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(init.detach().float().clone())
+        self.hold_norm = hold_norm
+        init = init.detach().float()
         self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
+        if hold_norm:
+            self.register_buffer("norms", init.norm(dim=-1, keepdim=True))
+            self.weight = nn.Parameter(self._unit_rms(init))
+            # only the direction moves: drop the gradient's radial part before the optimizer sees it
+            self.weight.register_hook(lambda g: g - (g * self.weight).sum(-1, keepdim=True) * self.weight / init.shape[-1])
+        else:
+            self.weight = nn.Parameter(init.clone())
 
-    def forward(self, input_ids: torch.Tensor, embedding: nn.Embedding) -> torch.Tensor:
-        match = input_ids.unsqueeze(-1) == self.token_ids  # B, L, n
-        learned = match.any(-1)
-        frozen = embedding(input_ids.masked_fill(learned, 0))  # learned ids never index the matrix
-        vectors = self.weight[match.float().argmax(-1)].to(frozen.dtype)  # B, L, C
-        return torch.where(learned.unsqueeze(-1), vectors, frozen)
+    @staticmethod
+    def _unit_rms(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        if not self.hold_norm:
+            return self.weight
+        return self.weight * (self.norms / self.weight.shape[-1] ** 0.5)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Back onto the sphere after an optimizer step (a no-op without `hold_norm`)."""
+        if self.hold_norm:
+            self.weight.copy_(self._unit_rms(self.weight))
+
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return replace_rows(input_ids, rows, self.token_ids, self.vectors)
 
 
 @torch.no_grad()
 def write_rows(text_encoder, token_ids: list[int], vectors: torch.Tensor) -> None:
     weight = text_encoder.get_input_embeddings().weight
     weight[torch.tensor(token_ids, device=weight.device)] = vectors.to(weight.device, weight.dtype)
+
+
+class OutputRows:
+    """Forward hook of a T5 encoder that writes output-mode vectors over `last_hidden_state` at
+    their tokens. The features come out in float32 (the vectors' precision), as training used them."""
+
+    def __init__(self):
+        self.vectors: dict[int, torch.Tensor] = {}  # token id -> (C,)
+        self.weights: dict[int, float] = {}  # token id -> w: w * vector + (1 - w) * T5's own feature
+
+    def __call__(self, module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None or not self.vectors:
+            return output
+        ids = list(self.vectors)
+        features = output.last_hidden_state.float()
+        token_ids = torch.tensor(ids, device=features.device)
+        vectors = torch.stack([self.vectors[i] for i in ids]).to(features.device)
+        weights = torch.tensor([self.weights.get(i, 1.0) for i in ids])
+        output.last_hidden_state = replace_rows(input_ids, features, token_ids, vectors, weights)
+        return output
+
+
+def set_output_rows(text_encoder, token_ids: list[int], vectors: torch.Tensor, weight: float = 1.0) -> None:
+    """Makes the encoder output `vectors` (n, C) at `token_ids` (installing the hook once)."""
+    hook = getattr(text_encoder, "ti_output_rows", None)
+    if hook is None:
+        hook = text_encoder.ti_output_rows = OutputRows()
+        text_encoder.register_forward_hook(hook, with_kwargs=True)
+    for token_id, vector in zip(token_ids, vectors.detach().float()):
+        hook.vectors[token_id] = vector.clone()
+        hook.weights[token_id] = weight
 
 
 @dataclass
@@ -148,14 +236,19 @@ class LearnedConcept:
     vectors: torch.Tensor  # num_vectors, C   float32
     metadata: dict = field(default_factory=dict)
     source: str = ""
+    mode: str = "input"  # one of TI_MODES
+    t5_input: torch.Tensor | None = None  # output mode: num_vectors, C   what T5 reads at the tokens
 
 
 def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
     """{placeholder: (num_vectors, C)} with string metadata, written atomically."""
-    metadata = {"format": FORMAT, "placeholder_token": concept.placeholder, "tokens": json.dumps(concept.tokens)}
+    metadata = {"format": FORMAT, "placeholder_token": concept.placeholder, "tokens": json.dumps(concept.tokens), "ti_mode": concept.mode}
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in concept.metadata.items()})
+    tensors = {concept.placeholder: concept.vectors}
+    if concept.mode == "output":
+        tensors[concept.placeholder + T5_INPUT_SUFFIX] = concept.t5_input
     tmp = path + ".tmp"
-    save_file({concept.placeholder: concept.vectors.detach().float().cpu().contiguous()}, tmp, metadata=metadata)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -226,6 +319,10 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
         state = {f"<{stem}>": state["emb_params"]}
     if not state:
         raise CheckpointError(f"{path} holds no embedding")
+    mode = metadata.get("ti_mode", "input")
+    if mode not in TI_MODES:
+        raise CheckpointError(f"{path}: unknown ti_mode {mode!r} in its metadata (known: {', '.join(TI_MODES)}); it was made by a newer version")
+    t5_inputs = {k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]}
     concepts = []
     for name, vectors in state.items():
         if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
@@ -241,7 +338,11 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
             tokens = list(stored)
         else:
             tokens = placeholder_tokens(placeholder, vectors.shape[0])
-        concepts.append(LearnedConcept(placeholder, tokens, vectors, metadata, source=path))
+        t5_input = t5_inputs.get(name)
+        if mode == "output" and (t5_input is None or tuple(t5_input.shape) != tuple(vectors.shape)):
+            raise CheckpointError(f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {tuple(vectors.shape)}")
+        t5_input = t5_input.float() if mode == "output" else None
+        concepts.append(LearnedConcept(placeholder, tokens, vectors, metadata, source=path, mode=mode, t5_input=t5_input))
     if token is not None and len(concepts) > 1:
         raise ConceptError(f"{path} holds {len(concepts)} embeddings; a single --token cannot rename them all")
     return concepts
@@ -249,8 +350,9 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
 
 def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) -> dict[str, list[int]]:
     """Makes prompts use the concepts: adds every concept's tokens to the tokenizer as training
-    added them, grows the embedding matrix if the spare rows run out, and writes the vectors into
-    the tokens' rows. Returns the token ids per placeholder. Everything is checked before
+    added them, grows the embedding matrix if the spare rows run out, and puts the vectors in
+    place: into the tokens' rows (input mode), or over T5's output there with the fixed `t5_input`
+    in the rows (output mode). Returns the token ids per placeholder. Everything is checked before
     anything changes; rows of existing tokens are never touched, so prompts without a learned
     token encode exactly as before."""
     width = text_encoder.get_input_embeddings().embedding_dim
@@ -279,7 +381,11 @@ def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) 
         ids[concept.placeholder] = add_placeholder_tokens(tokenizer, concept.tokens)
     ensure_embedding_rows(text_encoder, len(tokenizer))
     for concept in concepts:
-        write_rows(text_encoder, ids[concept.placeholder], concept.vectors)
+        if concept.mode == "output":
+            write_rows(text_encoder, ids[concept.placeholder], concept.t5_input)
+            set_output_rows(text_encoder, ids[concept.placeholder], concept.vectors)
+        else:
+            write_rows(text_encoder, ids[concept.placeholder], concept.vectors)
     return ids
 
 

@@ -40,7 +40,8 @@ def fast(monkeypatch):
 
 @pytest.fixture(scope="module")
 def trained(tiny_pipeline_dir, tmp_path_factory):
-    """One step of the training script, with its validation of 2 images at the end."""
+    """One step of the training script (input mode; output mode: test_ti_modes.py), with its
+    validation of 2 images at the end."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "get_schedule", trimmed)
         return _train(tiny_pipeline_dir, tmp_path_factory)
@@ -56,7 +57,7 @@ def _train(tiny_pipeline_dir, tmp_path_factory):
     train.main(train.parse_args([
         "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(data),
         "--placeholder_token", PLACEHOLDER, "--initializer_token", "dog", "--output_dir", str(out),
-        "--pn", "0.06M", "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--learning_rate", "0.5",
+        "--pn", "0.06M", "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--learning_rate", "0.5", "--ti_mode", "input",
         "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_steps", "1", "--num_validation_images", "2",
         "--checkpointing_steps", "1000", "--save_steps", "1000",
     ]))  # fmt: skip

@@ -9,10 +9,11 @@ from infinity_t2i.textual_inversion import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     ConceptError,
-    LearnedEmbeddings,
+    LearnedVectors,
     add_placeholder_tokens,
     ensure_embedding_rows,
     expand_placeholders,
+    initializer_pieces,
     initializer_vectors,
     placeholder_tokens,
     write_rows,
@@ -62,13 +63,49 @@ def test_initializer_rule(t5):
     tokenizer, text_encoder = t5
     weight = text_encoder.get_input_embeddings().weight
     one = tokenizer.convert_tokens_to_ids(SPACE_PIECE + "dog")
-    assert torch.equal(initializer_vectors(tokenizer, weight, "dog", 3), weight[one].expand(3, -1))
-    pieces = [i for i in tokenizer("garden", add_special_tokens=False).input_ids if i != tokenizer.convert_tokens_to_ids(SPACE_PIECE)]
+    assert initializer_pieces(tokenizer, "dog") == [one]
+    assert torch.equal(initializer_vectors(weight[[one]], 3), weight[one].expand(3, -1))
+    pieces = initializer_pieces(tokenizer, "garden")
     assert len(pieces) > 1
-    assert torch.equal(initializer_vectors(tokenizer, weight, "garden", len(pieces)), weight[pieces])
-    assert torch.allclose(initializer_vectors(tokenizer, weight, "garden", 1), weight[pieces].mean(0, keepdim=True))
+    # one vector per piece, whatever is asked below that; more vectors cycle through the pieces
+    assert torch.equal(initializer_vectors(weight[pieces], 1), weight[pieces])
+    assert torch.equal(initializer_vectors(weight[pieces], len(pieces) + 1), weight[pieces + pieces[:1]])
     with pytest.raises(ConceptError, match="unknown to the tokenizer"):
-        initializer_vectors(tokenizer, weight, "日本", 1)
+        initializer_pieces(tokenizer, "日本")
+
+
+def test_a_multi_piece_initializer_starts_at_what_the_word_draws(t5):
+    """The concept's tokens with the word's piece vectors encode exactly as the word itself."""
+    tokenizer, text_encoder = t5
+    embedding = text_encoder.get_input_embeddings()
+    pieces = initializer_pieces(tokenizer, "garden")
+    start = initializer_vectors(embedding.weight[pieces], 1)
+    tokens = placeholder_tokens("<plot>", start.shape[0])
+    learned = LearnedVectors(add_placeholder_tokens(tokenizer, tokens), start)
+    prompts = [expand_placeholders(t.format("<plot>"), {"<plot>": tokens}) for t in ("a photo of a {}", "{}, at dawn")]
+    with torch.no_grad():
+        concept = encode_prompt(tokenizer, text_encoder, prompts, embed_tokens=lambda i: learned(i, embedding(i)))
+        word = encode_prompt(tokenizer, text_encoder, ["a photo of a garden", "garden, at dawn"])
+    assert torch.equal(concept.mask, word.mask)
+    assert torch.equal(concept.features, word.features)
+
+
+def test_held_norm_vectors_keep_their_norms_and_turn_by_about_the_learning_rate():
+    start = torch.randn(2, 64) * torch.tensor([[3.0], [0.5]])
+    learned = LearnedVectors([5, 6], start, hold_norm=True)
+    assert torch.allclose(learned.vectors, start, atol=1e-5)
+    optimizer = torch.optim.AdamW(learned.parameters(), lr=0.02, weight_decay=0)
+    target = torch.randn(2, 64)
+    for _ in range(10):
+        (learned.vectors * target).sum().neg().backward()
+        optimizer.step()
+        learned.project_()
+        optimizer.zero_grad()
+    vectors = learned.vectors.detach()
+    assert torch.allclose(vectors.norm(dim=-1), start.norm(dim=-1), rtol=1e-5)  # norms held
+    angle = torch.arccos(torch.nn.functional.cosine_similarity(vectors, start, dim=-1))
+    assert ((angle > 0.05) & (angle < 0.3)).all(), angle  # ~0.02 rad per step for both scales
+    assert torch.allclose(angle[0], angle[1], rtol=0.3)  # the step does not depend on the norm
 
 
 @pytest.mark.parametrize("template", OBJECT_TEMPLATES + STYLE_TEMPLATES + ["{}, on a table.", "a {}: close up", "({}) in snow"])
@@ -103,11 +140,11 @@ def test_swapped_in_vectors_equal_written_rows_and_padding_changes_nothing(t5):
     ids = add_placeholder_tokens(tokenizer, placeholder_tokens("<cat>", 2))
     ensure_embedding_rows(text_encoder, len(tokenizer))
     vectors = torch.randn(2, text_encoder.config.d_model)
-    learned = LearnedEmbeddings(ids, vectors)
+    learned = LearnedVectors(ids, vectors)
     embedding = text_encoder.get_input_embeddings()
     prompts = ["a photo of a <cat> <cat>_1 on the beach", "a dog"]
     with torch.no_grad():
-        swapped = encode_prompt(tokenizer, text_encoder, prompts, embed_tokens=lambda i: learned(i, embedding))
+        swapped = encode_prompt(tokenizer, text_encoder, prompts, embed_tokens=lambda i: learned(i, embedding(i)))
         write_rows(text_encoder, ids, vectors)
         written = encode_prompt(tokenizer, text_encoder, prompts)
         input_ids, mask = tokenize(tokenizer, prompts)
@@ -122,8 +159,8 @@ def test_only_the_learned_vectors_receive_gradients(t5):
     tokenizer, text_encoder = t5
     ids = add_placeholder_tokens(tokenizer, ["<cat>"])
     embedding = text_encoder.get_input_embeddings()
-    learned = LearnedEmbeddings(ids, torch.zeros(1, text_encoder.config.d_model))
-    text = encode_prompt(tokenizer, text_encoder, ["a <cat>", "a dog"], embed_tokens=lambda i: learned(i, embedding))
+    learned = LearnedVectors(ids, torch.zeros(1, text_encoder.config.d_model))
+    text = encode_prompt(tokenizer, text_encoder, ["a <cat>", "a dog"], embed_tokens=lambda i: learned(i, embedding(i)))
     text.features[text.mask].sum().backward()
     assert learned.weight.grad is not None and learned.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in text_encoder.parameters())

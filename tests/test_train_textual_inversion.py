@@ -79,7 +79,8 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
             "token_identifier.txt", "type_of_concept.txt", "README.md", "checkpoint-2", "checkpoint-4", "validation", "logs"} <= files  # fmt: skip
     assert not [f for f in files if f.endswith(".tmp")]
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
-        assert list(f.keys()) == [PLACEHOLDER] and f.get_tensor(PLACEHOLDER).shape == (1, 128)
+        # the default output mode: the learned output vector and the fixed T5 input row
+        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (1, 128)
         meta = f.metadata()
     assert json.loads(meta["tokens"]) == [PLACEHOLDER] and meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
@@ -106,7 +107,7 @@ def test_frozen_weights_stay_bit_identical_and_only_the_new_row_changes(tiny_pip
 
     monkeypatch.setattr(InfinityPipeline, "from_pretrained", classmethod(capture))
     run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "3", "--validation_prompt", f"a {PLACEHOLDER}",
-        "--validation_steps", "3", "--num_validation_images", "1", "--learning_rate", "0.1")  # fmt: skip
+        "--validation_steps", "3", "--num_validation_images", "1", "--learning_rate", "0.1", "--ti_mode", "input")  # fmt: skip
     pipe, before = loaded["pipe"], loaded["before"]
     placeholder_id = pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
     for name in ("transformer", "vae"):
@@ -176,7 +177,7 @@ def test_multi_vector_concept_with_sidecar_captions(tiny_pipeline_dir, tmp_path,
 
     monkeypatch.setattr(train, "encode_prompt", spy)
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, data, out, "--num_vectors", "3", "--initializer_token", "photo", "--max_train_steps", "2")
+    run(tiny_pipeline_dir, data, out, "--num_vectors", "3", "--max_train_steps", "2", "--ti_mode", "input")
     vectors = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
     assert vectors.shape == (3, 128)
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
@@ -236,7 +237,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("uncaptioned", [], "does not contain <blob>"),
         ("ok", ["--placeholder_token", "dog"], "already in the tokenizer's vocabulary"),
         ("ok", ["--initializer_token", "日本"], "unknown to the tokenizer"),
-        ("ok", ["--mixed_precision", "fp16"], "flan-T5 overflows in float16"),
+        ("ok", ["--mixed_precision", "fp16"], "blocks run in bfloat16"),
         ("ok", ["--hub_token", "x", "--report_to", "wandb"], "expose the token"),
         ("ok", ["--resume_from_checkpoint", "nowhere"], "does not exist"),
     ],

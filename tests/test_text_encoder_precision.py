@@ -1,0 +1,48 @@
+"""flan-T5 in the precision the official code runs it: float16 weights, FFN outputs in float32."""
+
+import torch
+
+import train_textual_inversion_infinity as train
+from infinity_t2i.pipeline import InfinityPipeline, default_text_encoder_dtype, load_text_encoder
+from infinity_t2i.text import encode_prompt
+
+
+def test_float16_t5_keeps_its_ffn_outputs_in_float32_and_matches_float32_features(tiny_pipeline_dir):
+    tokenizer, t5_half = load_text_encoder(f"{tiny_pipeline_dir}/text_encoder", torch.float16, "cpu")
+    _, t5_full = load_text_encoder(f"{tiny_pipeline_dir}/text_encoder", torch.float32, "cpu")
+    dtypes = {name: p.dtype for name, p in t5_half.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.endswith(".wo.weight")) and any(n.endswith(".wo.weight") for n in dtypes)
+    assert all(d == torch.float16 for n, d in dtypes.items() if not n.endswith(".wo.weight"))
+    prompts = ["a photo of a dog on the beach", "a cat"]
+    with torch.no_grad():
+        half, full = encode_prompt(tokenizer, t5_half, prompts), encode_prompt(tokenizer, t5_full, prompts)
+    assert half.features.dtype == torch.float32 and torch.isfinite(half.features).all()
+    scale = full.features[full.mask].pow(2).mean().sqrt()
+    assert (half.features - full.features)[full.mask].abs().max() < 0.02 * scale
+
+
+def test_default_text_encoder_precision_is_float16_on_a_gpu_and_float32_on_the_cpu(tiny_pipeline_dir):
+    assert default_text_encoder_dtype("cuda:0") == torch.float16
+    assert default_text_encoder_dtype("cpu") == torch.float32
+    pipe = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir), torch_dtype=torch.bfloat16)
+    assert pipe.text_encoder.dtype == torch.float32  # T5 no longer follows the blocks' dtype
+    assert pipe.transformer.blocks[0].ffn.fc1.weight.dtype == torch.bfloat16
+
+
+def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from test_train_textual_inversion import draw_concept
+
+    for i in range(2):
+        draw_concept(folder / f"{i}.png", shift=i)
+    out = tmp_path / "out"
+    train.main(train.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(folder),
+        "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(out), "--pn", "0.06M",
+        "--repeats", "1", "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--text_encoder_dtype", "float16",
+    ]))  # fmt: skip
+    from infinity_t2i.textual_inversion import load_learned_embeds
+
+    concept = load_learned_embeds(str(out))[0]
+    assert torch.isfinite(concept.vectors).all() and concept.metadata["step"] == 2

@@ -1,0 +1,159 @@
+"""The two places a concept can live (input embeddings or T5's output features), end to end:
+what training changes, what a saved file gives at inference, and both modes in one prompt."""
+
+import pytest
+import torch
+
+import infer_textual_inversion as infer
+import train_textual_inversion_infinity as train
+from infinity_t2i.loading import CheckpointError
+from infinity_t2i.pipeline import InfinityPipeline
+from infinity_t2i.text import encode_prompt, tokenize
+from infinity_t2i.textual_inversion import (
+    LEARNED_EMBEDS_NAME,
+    OBJECT_TEMPLATES,
+    LearnedConcept,
+    add_placeholder_tokens,
+    apply_concepts,
+    ensure_embedding_rows,
+    expand_placeholders,
+    initializer_pieces,
+    load_learned_embeds,
+    save_learned_embeds,
+    write_rows,
+)
+
+PLACEHOLDER = "<blob>"
+
+
+@pytest.fixture
+def concept_dir(tmp_path):
+    from test_train_textual_inversion import draw_concept
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    for i in range(3):
+        draw_concept(folder / f"blob_{i}.png", shift=i)
+    return folder
+
+
+def state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode,batch_size", [("output", 2), ("input", 1)])
+def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact_conditioning(
+    mode, batch_size, tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
+    loaded, conditions = [], []  # the run's pipeline; the text condition of every training forward
+    from_pretrained = InfinityPipeline.from_pretrained.__func__
+
+    def load_and_watch(cls, *a, **k):
+        pipe = from_pretrained(cls, *a, **k)
+        pipe.transformer.register_forward_pre_hook(lambda module, inputs: conditions.append(inputs[0]))
+        loaded.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(InfinityPipeline, "from_pretrained", classmethod(load_and_watch))
+    out = tmp_path / "out"
+    train.main(train.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
+        "--placeholder_token", PLACEHOLDER, "--initializer_token", "garden", "--output_dir", str(out),
+        "--pn", "0.06M", "--repeats", "2", "--seed", "0", "--ti_mode", mode, "--train_batch_size", str(batch_size),
+        "--max_train_steps", "3", "--save_steps", "1", "--learning_rate", "0.2",
+    ]))  # fmt: skip
+    monkeypatch.undo()
+    pipe, fresh = loaded[0], InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+    assert len(conditions) == 3
+
+    # Every weight is the one on disk, except the T5 input rows of the concept's tokens.
+    for name in ("transformer", "vae", "text_encoder"):
+        mine, theirs = state(getattr(pipe, name)), state(getattr(fresh, name))
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            if key.endswith("embed_tokens.weight") or key == "shared.weight":
+                continue
+            assert torch.equal(mine[key], theirs[key]), f"{name}.{key} changed"
+    concept = load_learned_embeds(str(out))[0]
+    pieces = initializer_pieces(fresh.tokenizer, "garden")
+    assert concept.mode == mode and len(concept.tokens) == len(pieces) > 1  # one vector per piece
+    ids = pipe.tokenizer.convert_tokens_to_ids(concept.tokens)
+    rows, fresh_rows = pipe.text_encoder.get_input_embeddings().weight, fresh.text_encoder.get_input_embeddings().weight
+    others = torch.ones(rows.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(rows[others], fresh_rows[others])
+    if mode == "output":  # T5 reads the initializer's pieces at the concept's tokens, never trained
+        assert torch.equal(rows[ids], concept.t5_input)
+        assert torch.equal(concept.t5_input, fresh_rows[pieces])
+
+    # Forward k ran on the vectors saved after k updates; a fresh pipeline that loads that file
+    # encodes each training caption (any template) to exactly the rows training used.
+    for k in (1, 2):
+        pipe_k = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+        concepts = load_learned_embeds(str(out / f"learned_embeds-steps-{k}.safetensors"))
+        apply_concepts(pipe_k.tokenizer, pipe_k.text_encoder, concepts)
+        tokens = {PLACEHOLDER: concepts[0].tokens}
+        with torch.no_grad():
+            encoded = [pipe_k.encode_prompt([expand_placeholders(t.format(PLACEHOLDER), tokens)]) for t in OBJECT_TEMPLATES]
+        used = conditions[k]
+        for b in range(used.batch_size):
+            row = used.features[b, used.mask[b]].detach()
+            assert any(e.features.shape[1] == row.shape[0] and torch.equal(e.features[0], row) for e in encoded), f"step {k} caption {b}"
+
+
+def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir, tmp_path):
+    pipe = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+    width = pipe.text_encoder.config.d_model
+    g = torch.Generator().manual_seed(0)
+    as_input = LearnedConcept("<in>", ["<in>"], torch.randn(1, width, generator=g), {"initializer_token": "dog"})
+    as_output = LearnedConcept("<out>", ["<out>", "<out>_1"], torch.randn(2, width, generator=g), {"initializer_token": "cat"},
+                               mode="output", t5_input=torch.randn(2, width, generator=g))  # fmt: skip
+    files = []
+    for c in (as_input, as_output):
+        files.append(str(tmp_path / f"{c.placeholder.strip('<>')}.safetensors"))
+        save_learned_embeds(files[-1], c)
+    concepts = [c for f in files for c in load_learned_embeds(f)]
+    assert [c.mode for c in concepts] == ["input", "output"]
+    ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
+    prompt = "a <in> next to a <out> <out>_1 in the snow"
+
+    # expected by hand: T5 reads <in>'s vectors and <out>'s fixed rows; <out>'s features are its vectors
+    reference = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+    ref_ids = add_placeholder_tokens(reference.tokenizer, ["<in>", "<out>", "<out>_1"])
+    ensure_embedding_rows(reference.text_encoder, len(reference.tokenizer))
+    write_rows(reference.text_encoder, ref_ids, torch.cat([as_input.vectors, as_output.t5_input]))
+    with torch.no_grad():
+        t5_own = encode_prompt(reference.tokenizer, reference.text_encoder, [prompt]).features[0]
+        got = pipe.encode_prompt([prompt]).features[0]
+    input_ids = tokenize(pipe.tokenizer, [prompt])[0][0]
+    at_out = torch.stack([(input_ids == i).nonzero()[0, 0] for i in ids["<out>"]])
+    expected = t5_own.clone()
+    expected[at_out] = as_output.vectors
+    assert torch.equal(got, expected)
+
+    # <out>:w mixes the concept with T5's own feature there (the initializer's, in context);
+    # <in>:w scales the input vectors
+    with infer.scaled_vectors(pipe.text_encoder, {c.placeholder: c for c in concepts}, ids, {"<out>": 0.25, "<in>": 0.5}):
+        with torch.no_grad():
+            weighted = pipe.encode_prompt([prompt]).features[0]
+    write_rows(reference.text_encoder, ref_ids[:1], 0.5 * as_input.vectors)
+    with torch.no_grad():
+        t5_half = encode_prompt(reference.tokenizer, reference.text_encoder, [prompt]).features[0]
+    assert torch.allclose(weighted[at_out], 0.25 * as_output.vectors + 0.75 * t5_half[at_out], atol=1e-6)
+    others = torch.ones(len(input_ids), dtype=torch.bool)
+    others[at_out] = False
+    assert torch.equal(weighted[others], t5_half[others])
+    with torch.no_grad():  # and back to the concept as loaded after the block
+        assert torch.equal(pipe.encode_prompt([prompt]).features[0], got)
+
+
+def test_an_output_mode_file_needs_its_t5_input_rows(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / LEARNED_EMBEDS_NAME)
+    save_file({"<x>": torch.zeros(1, 8)}, path, metadata={"ti_mode": "output", "tokens": '["<x>"]'})
+    with pytest.raises(CheckpointError, match=r"needs <x>\.t5_input"):
+        load_learned_embeds(path)
+    save_file({"<x>": torch.zeros(1, 8)}, path, metadata={"ti_mode": "sideways"})
+    with pytest.raises(CheckpointError, match="unknown ti_mode"):
+        load_learned_embeds(path)
