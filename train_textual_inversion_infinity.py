@@ -617,6 +617,10 @@ def main(args):
         run_validation(0)
     last_good = accelerator.unwrap_model(learned).weight.detach().clone()
 
+    def embed_with_learned(input_ids: torch.Tensor) -> torch.Tensor:
+        # in T5's dtype, as inference writes the rows (accelerate returns float32 under mixed precision)
+        return learned(input_ids, embedding(input_ids)).to(embedding.weight.dtype)
+
     # 10. The loop.
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for epoch in range(first_epoch, args.num_train_epochs):
@@ -643,7 +647,7 @@ def main(args):
                         captions.append(templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(args.placeholder_token))
                 captions = [expand_placeholders(c, concept_tokens) for c in captions]
                 if caption_features is None:
-                    text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=lambda ids: learned(ids, embedding(ids)))
+                    text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=embed_with_learned)
                 else:
                     input_ids, text = caption_features(captions)
                     text = TextCondition(learned(input_ids, text.features), text.mask)

@@ -46,3 +46,36 @@ def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
 
     concept = load_learned_embeds(str(out))[0]
     assert torch.isfinite(concept.vectors).all() and concept.metadata["step"] == 2
+
+
+def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """accelerate returns float32 from the prepared module under bf16; inference writes the rows
+    in T5's dtype, so training must feed T5 the same (bfloat16) vectors."""
+    from test_train_textual_inversion import draw_concept
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    draw_concept(folder / "0.png")
+    seen = []
+    real_encode = train.encode_prompt
+
+    def spy(tokenizer, text_encoder, prompts, embed_tokens=None):
+        if embed_tokens is not None:
+            ids = torch.tensor([[3, 4, len(tokenizer) - 1, 1]])
+            seen.append((embed_tokens(ids).dtype, text_encoder.get_input_embeddings().weight.dtype))
+        return real_encode(tokenizer, text_encoder, prompts, embed_tokens)
+
+    monkeypatch.setattr(train, "encode_prompt", spy)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the process's first Accelerator fixed "no"
+    try:
+        train.main(train.parse_args([
+            "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(folder),
+            "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M",
+            "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--ti_mode", "input",
+            "--mixed_precision", "bf16", "--text_encoder_dtype", "bfloat16",
+        ]))  # fmt: skip
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen and all(fed == rows == torch.bfloat16 for fed, rows in seen)
