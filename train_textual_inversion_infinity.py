@@ -377,7 +377,7 @@ def save_image(image: Image.Image, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_model_card(args, repo_id: str, grid_name: str | None) -> None:
+def save_model_card(args, repo_id: str, grid_name: str | None, num_vectors: int) -> None:
     card_data = ModelCardData(
         license="mit",
         base_model=args.pretrained_model_name_or_path,
@@ -385,6 +385,7 @@ def save_model_card(args, repo_id: str, grid_name: str | None) -> None:
         instance_prompt=args.placeholder_token,
     )
     placeholder = args.placeholder_token
+    where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
     grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
     content = f"""---
 {card_data.to_yaml()}
@@ -392,9 +393,9 @@ def save_model_card(args, repo_id: str, grid_name: str | None) -> None:
 
 # Textual inversion: {placeholder} for Infinity ({args.model_type})
 
-A learned flan-T5 token embedding for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path}):
+A learned flan-T5 token ({where}) for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path}):
 write **{placeholder}** in a prompt to get the concept ({args.learnable_property}, initialised from
-"{args.initializer_token}", {args.num_vectors} vector(s), trained at {args.pn}).
+"{args.initializer_token}", {num_vectors} vector(s), trained at {args.pn}).
 {grid}
 ## Use
 
@@ -696,7 +697,7 @@ def main(args):
         save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
         write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
         write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
-        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid)
+        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid, len(tokens))
         if args.push_to_hub:
             upload_folder(
                 repo_id=repo_id,

@@ -33,11 +33,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-import toy_fidelity  # noqa: E402
-import toy_world  # noqa: E402
+import toy_fidelity
+import toy_world
 
-from infinity_t2i.pipeline import InfinityPipeline  # noqa: E402
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds  # noqa: E402
+from infinity_t2i.pipeline import InfinityPipeline
+from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 
 BACKGROUNDS = ("grass", "sky", "night")
 
@@ -53,7 +53,9 @@ def prompts_for(subject: str) -> dict[str, list[str]]:
 def score_prompts(scorer, pipe, name: str, prompts: dict[str, list[str]], num_images: int) -> dict[str, list[float]]:
     """Fidelity of every image, per prompt group (num_images per prompt)."""
     return {
-        group: [s for p in texts for s in scorer.score(toy_fidelity.generate(pipe, p, num_images, seed=0), name).tolist()]
+        group: [
+            s for p in texts for s in scorer.score(toy_fidelity.generate(pipe, p, num_images, seed=0), name).tolist()
+        ]
         for group, texts in prompts.items()
     }
 
@@ -71,11 +73,18 @@ def run_cell(runs: list[list[float]]) -> str:
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description="Fidelity of learned tokens against the best words, on the toy world's held-out concepts.")
+    p = argparse.ArgumentParser(
+        description="Fidelity of learned tokens against the best words, on the toy world's held-out concepts."
+    )
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
     p.add_argument("--concepts_dir", default=os.path.join(ROOT, "examples", "concepts"))
     p.add_argument("--concept", action="append", choices=sorted(toy_world.HELD_OUT_CONCEPTS), help="Default: all.")
-    p.add_argument("--setting", action="append", default=None, help='NAME=FLAGS: training flags on top of the default recipe (repeatable); default: "default=" alone.')
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        help='NAME=FLAGS: training flags on top of the default recipe (repeatable); default: "default=" alone.',
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "toy-fidelity"))
@@ -89,18 +98,31 @@ def main():
     scorer = toy_fidelity.FidelityScorer()
     results_path = os.path.join(args.output_dir, "results.json")
     os.makedirs(args.output_dir, exist_ok=True)
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    results = {}
+    if os.path.exists(results_path):  # runs of earlier invocations stay; a setting's seed is run again
+        with open(results_path) as f:
+            results = json.load(f)
     for name in names:
         concept = toy_world.HELD_OUT_CONCEPTS[name]
         entry = results.setdefault(name, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        entry["words"] = score_prompts(scorer, base, name, prompts_for(concept.words_prompt.removeprefix("a photo of a ")), args.num_images)
+        entry["words"] = score_prompts(
+            scorer, base, name, prompts_for(concept.words_prompt.removeprefix("a photo of a ")), args.num_images
+        )
         entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), name).tolist()
         for setting, flags in settings.items():
             for seed in args.seeds:
                 start = time.time()
                 out = os.path.join(args.output_dir, setting, f"{name}-seed{seed}")
-                toy_fidelity.train_concept(args.pretrained_model_name_or_path, args.concepts_dir, name, out, "--seed", str(seed), *shlex.split(flags))
+                toy_fidelity.train_concept(
+                    args.pretrained_model_name_or_path,
+                    args.concepts_dir,
+                    name,
+                    out,
+                    "--seed",
+                    str(seed),
+                    *shlex.split(flags),
+                )
                 trained = time.time() - start
                 pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
                 concepts = load_learned_embeds(out)
@@ -109,20 +131,30 @@ def main():
                 scores = score_prompts(scorer, pipe, name, prompts_for(subject), args.num_images)
                 entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
                 plain = sum(scores["plain"]) / len(scores["plain"])
-                print(f"{name} {setting} seed {seed}: {plain:.3f} (words {sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)", flush=True)
+                print(
+                    f"{name} {setting} seed {seed}: {plain:.3f} (words {sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)",
+                    flush=True,
+                )
                 with open(results_path + ".tmp", "w") as f:
                     json.dump(results, f)
                 os.replace(results_path + ".tmp", results_path)
 
-    print(f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training seeds {args.seeds} (worst run)\n")
+    print(
+        f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training seeds {args.seeds} (worst run)\n"
+    )
     print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
     print("|---|---|---|" + "---|" * len(settings) + "---|")
     for name in names:
         entry = results[name]
         for group in ("plain", "background"):
-            cells = [run_cell([run[group] for run in entry["runs"].get(s, {}).values()]) if entry["runs"].get(s) else "" for s in settings]
+            cells = [
+                run_cell([run[group] for run in entry["runs"].get(s, {}).values()]) if entry["runs"].get(s) else ""
+                for s in settings
+            ]
             ceiling = image_cell(entry["ceiling"]) if group == "plain" else ""
-            print(f"| <{name}> | {group} | {image_cell(entry['words'][group])} | " + " | ".join(cells) + f" | {ceiling} |")
+            print(
+                f"| <{name}> | {group} | {image_cell(entry['words'][group])} | " + " | ".join(cells) + f" | {ceiling} |"
+            )
     print(f"\nraw scores: {results_path}")
 
 

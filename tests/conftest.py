@@ -21,3 +21,15 @@ def tiny_pipeline_dir(tmp_path_factory):
     from helpers import build_tiny_pipeline_dir
 
     return build_tiny_pipeline_dir(str(tmp_path_factory.mktemp("tiny-infinity")))
+
+
+@pytest.fixture
+def concept_dir(tmp_path):
+    """Three images of the tests' concept."""
+    from helpers import draw_concept
+
+    folder = tmp_path / "concept"
+    folder.mkdir()
+    for i in range(3):
+        draw_concept(folder / f"blob_{i}.png", shift=i)
+    return folder

@@ -89,3 +89,14 @@ def run_script_expecting_error(script: str, argv: list, capsys) -> str:
         return code
     assert code == 2, code
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def draw_concept(path, size=(96, 80), shift=0, mode="RGB"):
+    """A small training image of the tests' concept: an orange blob on a blue ground."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (40 + 20 * shift, 110, 190))
+    ImageDraw.Draw(image).ellipse((10 + 4 * shift, 12, size[0] - 12, size[1] - 10), fill=(240, 90, 30))
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)

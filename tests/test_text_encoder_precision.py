@@ -1,6 +1,7 @@
 """flan-T5 in the precision the official code runs it: float16 weights, FFN outputs in float32."""
 
 import torch
+from helpers import draw_concept
 
 import train_textual_inversion_infinity as train
 from infinity_t2i.pipeline import InfinityPipeline, default_text_encoder_dtype, load_text_encoder
@@ -11,7 +12,9 @@ def test_float16_t5_keeps_its_ffn_outputs_in_float32_and_matches_float32_feature
     tokenizer, t5_half = load_text_encoder(f"{tiny_pipeline_dir}/text_encoder", torch.float16, "cpu")
     _, t5_full = load_text_encoder(f"{tiny_pipeline_dir}/text_encoder", torch.float32, "cpu")
     dtypes = {name: p.dtype for name, p in t5_half.named_parameters()}
-    assert all(d == torch.float32 for n, d in dtypes.items() if n.endswith(".wo.weight")) and any(n.endswith(".wo.weight") for n in dtypes)
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.endswith(".wo.weight")) and any(
+        n.endswith(".wo.weight") for n in dtypes
+    )
     assert all(d == torch.float16 for n, d in dtypes.items() if not n.endswith(".wo.weight"))
     prompts = ["a photo of a dog on the beach", "a cat"]
     with torch.no_grad():
@@ -32,8 +35,6 @@ def test_default_text_encoder_precision_is_float16_on_a_gpu_and_float32_on_the_c
 def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
-    from test_train_textual_inversion import draw_concept
-
     for i in range(2):
         draw_concept(folder / f"{i}.png", shift=i)
     out = tmp_path / "out"
@@ -51,8 +52,6 @@ def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
 def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_pipeline_dir, tmp_path, monkeypatch):
     """accelerate returns float32 from the prepared module under bf16; inference writes the rows
     in T5's dtype, so training must feed T5 the same (bfloat16) vectors."""
-    from test_train_textual_inversion import draw_concept
-
     folder = tmp_path / "images"
     folder.mkdir()
     draw_concept(folder / "0.png")

@@ -26,17 +26,6 @@ from infinity_t2i.textual_inversion import (
 PLACEHOLDER = "<blob>"
 
 
-@pytest.fixture
-def concept_dir(tmp_path):
-    from test_train_textual_inversion import draw_concept
-
-    folder = tmp_path / "concept"
-    folder.mkdir()
-    for i in range(3):
-        draw_concept(folder / f"blob_{i}.png", shift=i)
-    return folder
-
-
 def state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -94,11 +83,15 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
         apply_concepts(pipe_k.tokenizer, pipe_k.text_encoder, concepts)
         tokens = {PLACEHOLDER: concepts[0].tokens}
         with torch.no_grad():
-            encoded = [pipe_k.encode_prompt([expand_placeholders(t.format(PLACEHOLDER), tokens)]) for t in OBJECT_TEMPLATES]
+            encoded = [
+                pipe_k.encode_prompt([expand_placeholders(t.format(PLACEHOLDER), tokens)]) for t in OBJECT_TEMPLATES
+            ]
         used = conditions[k]
         for b in range(used.batch_size):
             row = used.features[b, used.mask[b]].detach()
-            assert any(e.features.shape[1] == row.shape[0] and torch.equal(e.features[0], row) for e in encoded), f"step {k} caption {b}"
+            assert any(e.features.shape[1] == row.shape[0] and torch.equal(e.features[0], row) for e in encoded), (
+                f"step {k} caption {b}"
+            )
 
 
 def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir, tmp_path):
@@ -133,9 +126,9 @@ def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir,
 
     # <out>:w mixes the concept with T5's own feature there (the initializer's, in context);
     # <in>:w scales the input vectors
-    with infer.scaled_vectors(pipe.text_encoder, {c.placeholder: c for c in concepts}, ids, {"<out>": 0.25, "<in>": 0.5}):
-        with torch.no_grad():
-            weighted = pipe.encode_prompt([prompt]).features[0]
+    weights = {"<out>": 0.25, "<in>": 0.5}
+    with infer.scaled_vectors(pipe.text_encoder, {c.placeholder: c for c in concepts}, ids, weights), torch.no_grad():
+        weighted = pipe.encode_prompt([prompt]).features[0]
     write_rows(reference.text_encoder, ref_ids[:1], 0.5 * as_input.vectors)
     with torch.no_grad():
         t5_half = encode_prompt(reference.tokenizer, reference.text_encoder, [prompt]).features[0]

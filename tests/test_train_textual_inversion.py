@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
-from helpers import run_script_expecting_error
-from PIL import Image, ImageDraw
+from helpers import draw_concept, run_script_expecting_error
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,23 +19,6 @@ from infinity_t2i.pipeline import InfinityPipeline
 
 SCRIPT = os.path.join(ROOT, "train_textual_inversion_infinity.py")
 PLACEHOLDER = "<blob>"
-
-
-def draw_concept(path, size=(96, 80), shift=0, mode="RGB"):
-    image = Image.new("RGB", size, (40 + 20 * shift, 110, 190))
-    ImageDraw.Draw(image).ellipse((10 + 4 * shift, 12, size[0] - 12, size[1] - 10), fill=(240, 90, 30))
-    if mode != "RGB":
-        image = image.convert(mode)
-    image.save(path)
-
-
-@pytest.fixture
-def concept_dir(tmp_path):
-    folder = tmp_path / "concept"
-    folder.mkdir()
-    for i in range(3):
-        draw_concept(folder / f"blob_{i}.png", shift=i)
-    return folder
 
 
 def train_args(model_dir, data_dir, output_dir, *extra):
