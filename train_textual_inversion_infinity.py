@@ -147,8 +147,6 @@ def parse_args(argv=None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
     if args.mixed_precision == "fp16":
         parser.error("--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is --text_encoder_dtype); use bf16 or no")
-    if args.hub_token is not None and args.report_to in ("wandb", "all"):
-        parser.error("--hub_token with --report_to wandb would expose the token in the run's config; log in with `huggingface-cli login` instead")
     if args.train_scales is not None and args.train_scales < 2:
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
     for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps"):
@@ -557,7 +555,8 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        # never the token: trackers write their config to disk and to their servers
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
         accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
 
     # 9. Resume.
