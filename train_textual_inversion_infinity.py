@@ -414,9 +414,9 @@ trigger token and the kind of concept. Made with infinity-textual-inversion's
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
-    """Removes the oldest checkpoints so that `keep` remain once the next one is written."""
+    """Removes the oldest checkpoints so that `keep` remain."""
     checkpoints = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()), key=lambda d: int(d.split("-")[1]))
-    for old in checkpoints[: max(0, len(checkpoints) - keep + 1)]:
+    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         logger.info(f"removing checkpoint {old} (--checkpoints_total_limit {keep})")
         shutil.rmtree(os.path.join(output_dir, old))
 
@@ -627,6 +627,8 @@ def main(args):
         batch_sampler.use_epoch(epoch)  # accelerate iterates this same sampler object
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
         for indices in batches:
+            if global_step >= args.max_train_steps:  # a resumed run that had already finished
+                break
             with accelerator.accumulate(learned):
                 indices = indices.tolist()
                 schedule = schedules[indices[0]]
@@ -678,11 +680,10 @@ def main(args):
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
                     save_embedding(os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step)
-                if global_step % args.checkpointing_steps == 0:
-                    if args.checkpoints_total_limit is not None:
-                        prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, global_step, step_rng)
+                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)  # only once the new one is complete
             if global_step % args.validation_steps == 0:
                 run_validation(global_step)
             if global_step >= args.max_train_steps:

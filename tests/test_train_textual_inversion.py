@@ -143,6 +143,32 @@ def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
 
 
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    real_save = train.save_checkpoint
+
+    def killed_at_step_4(accelerator, output_dir, step, step_rng):
+        if step == 4:
+            raise KeyboardInterrupt("killed while writing checkpoint-4")
+        real_save(accelerator, output_dir, step, step_rng)
+
+    monkeypatch.setattr(train, "save_checkpoint", killed_at_step_4)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1")
+    assert [d for d in os.listdir(out) if d.startswith("checkpoint")] == ["checkpoint-2"]
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_pipeline_dir, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "0.1")
+    final = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "0.1",
+        "--resume_from_checkpoint", "latest")  # fmt: skip
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor(PLACEHOLDER), final) and f.metadata()["step"] == "4"
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_multi_vector_concept_with_sidecar_captions(tiny_pipeline_dir, tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
