@@ -108,7 +108,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_train_epochs", type=int, default=100)
     parser.add_argument("--max_train_steps", type=int, default=2000, help="Total optimisation steps; overrides --num_train_epochs.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimisation step.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute Infinity block (and, in input mode, T5) activations in the backward pass to save memory.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute Infinity block activations in the backward pass to save memory.")
     parser.add_argument("--learning_rate", type=float, default=2e-2, help="Learning rate (after warmup); with --hold_norm about the angle in radians a vector turns per step.")
     parser.add_argument("--hold_norm", action=argparse.BooleanOptionalAction, default=True, help="Keep each vector's starting norm and train only its direction (no norm inflation; one learning rate fits every model); --no-hold_norm trains the vectors freely.")
     parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation steps x batch size.")
@@ -494,15 +494,10 @@ def main(args):
     learned = LearnedVectors(token_ids, start, hold_norm=args.hold_norm).to(accelerator.device)
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
-    #    learned vectors are kept.
+    #    learned vectors are kept. T5 is not checkpointed: HF checkpoints only in train mode, where
+    #    T5's attention applies its dropout, and its activations at caption length are small.
     if args.gradient_checkpointing:
         transformer.gradient_checkpointing = True
-    if args.gradient_checkpointing and args.ti_mode == "input":
-        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        text_encoder.train()  # HF checkpoints only in train mode; dropout is switched off instead
-        for module in text_encoder.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
 
     # 6. Data: images at their templates' sizes; VAE features computed once per image and flip.
     examples, schedules = prepare_examples(args, raw_examples, pipe.token_stride)

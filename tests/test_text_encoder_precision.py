@@ -78,3 +78,38 @@ def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert seen and all(fed == rows == torch.bfloat16 for fed, rows in seen)
+
+
+def test_gradient_checkpointing_trains_through_t5_without_its_dropout(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """flan-T5-XL ships dropout_rate 0.1, which T5's attention applies itself in train mode."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    config_path = model / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "dropout_rate": 0.1}))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    draw_concept(folder / "0.png")
+    differences = []
+    real_encode = train.encode_prompt
+
+    def encode_twice(tokenizer, text_encoder, prompts, embed_tokens=None):
+        first = real_encode(tokenizer, text_encoder, prompts, embed_tokens)
+        if embed_tokens is not None:
+            with torch.no_grad():
+                again = real_encode(tokenizer, text_encoder, prompts, embed_tokens)
+            differences.append((first.features - again.features).abs().max().item())
+        return first
+
+    monkeypatch.setattr(train, "encode_prompt", encode_twice)
+    train.main(
+        train.parse_args(
+            ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(folder), "--placeholder_token", "<blob>",
+             "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M", "--repeats", "2",
+             "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--gradient_checkpointing"]
+        )
+    )  # fmt: skip
+    assert differences == [0.0, 0.0]
