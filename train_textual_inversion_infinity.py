@@ -130,7 +130,7 @@ def parse_args(argv=None):
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     # logging, validation, saving
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
-    parser.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb", "mlflow", "comet_ml" or "all".')
+    parser.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "mlflow", "comet_ml", "all", "none"], help="Where to log; none turns tracking off.")
     parser.add_argument("--validation_prompt", type=str, action="append", default=None, help="A prompt with the placeholder to render during training; repeatable.")
     parser.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompts every X steps (and at step 0).")
@@ -149,9 +149,13 @@ def parse_args(argv=None):
         parser.error("--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is --text_encoder_dtype); use bf16 or no")
     if args.train_scales is not None and args.train_scales < 2:
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
-    for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps"):
+    for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps", "num_validation_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
+        parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces, e.g. <my-dog>")
     return args
 
 
@@ -199,26 +203,32 @@ def resize_to(image: Image.Image, size: tuple[int, int], center_crop: bool) -> I
     return image.crop((left, top, left + width, top + height))
 
 
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+
+
 def read_captions(folder: str, caption_column: str) -> dict[str, str]:
     """Captions from metadata.jsonl (the datasets imagefolder convention) or sidecar .txt files."""
     captions = {}
     metadata = os.path.join(folder, "metadata.jsonl")
     if os.path.exists(metadata):
-        with open(metadata) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        captions[row["file_name"]] = row[caption_column]
-                    except (json.JSONDecodeError, KeyError) as e:
-                        raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})") from e
+        for n, line in enumerate(read_text(metadata).splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    captions[row["file_name"]] = row[caption_column]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})") from e
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".txt" and stem:
             for image_name in os.listdir(folder):
                 if os.path.splitext(image_name)[0] == stem and os.path.splitext(image_name)[1].lower() in IMAGE_EXTENSIONS:
-                    with open(os.path.join(folder, name)) as f:
-                        captions.setdefault(image_name, f.read().strip())
+                    captions.setdefault(image_name, read_text(os.path.join(folder, name)).strip())
     return captions
 
 
@@ -441,11 +451,17 @@ def main(args):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # e.g. --multi_gpu on a CPU machine: N separate runs into one folder
+        raise UsageError(
+            f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs launch with "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_cpu --num_processes N"
+        )
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
     if args.seed is None:

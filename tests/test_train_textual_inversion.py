@@ -259,6 +259,11 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--initializer_token", "日本"], "unknown to the tokenizer"),
         ("ok", ["--mixed_precision", "fp16"], "blocks run in bfloat16"),
         ("ok", ["--resume_from_checkpoint", "nowhere"], "does not exist"),
+        ("ok", ["--report_to", "nowhere"], "invalid choice: 'nowhere'"),
+        ("ok", ["--num_validation_images", "0"], "--num_validation_images must be at least 1"),
+        ("ok", ["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+        ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),
+        ("latin1", [], "is not UTF-8 text"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
@@ -272,6 +277,9 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         draw_concept(data / "fine.png")
     if case == "uncaptioned":
         (data / "fine.txt").write_text("a photo of a dog")
+    if case == "latin1":
+        draw_concept(data / "fine.png")
+        (data / "fine.txt").write_bytes("a <blob> in a café".encode("latin-1"))
     out = tmp_path / "out"
     argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "1") + extra
     err = run_script_expecting_error(SCRIPT, argv, capsys)
@@ -280,6 +288,20 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         assert "broken.jpg" in err
     if "--resume_from_checkpoint" not in extra:
         assert not out.exists()
+
+
+def test_report_to_none_writes_no_logs(tiny_pipeline_dir, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1", "--report_to", "none")
+    assert (out / "learned_embeds.safetensors").exists() and not (out / "logs").exists()
+
+
+def test_a_launch_whose_world_size_accelerate_does_not_run_is_refused(tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --multi_gpu` sets it on a CPU machine
+    out = tmp_path / "out"
+    err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1"), capsys)
+    assert "2 processes were launched but accelerate runs 1" in err and "ACCELERATE_USE_CPU=1" in err
+    assert not out.exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
