@@ -44,6 +44,7 @@ from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
     InfinityPipeline,
+    effective_model_type,
     generate_images,
     make_image_grid,
     resolve_preset,
@@ -316,7 +317,7 @@ def main(args):
     preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
     text_encoder_name = resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
     for concept in loaded:
-        problems = mismatches(concept, args.model_type, args.pretrained_model_name_or_path, text_encoder_name)
+        problems = mismatches(concept, effective_model_type(args.pretrained_model_name_or_path, args.model_type), args.pretrained_model_name_or_path, text_encoder_name)
         if problems:
             message = f"{concept.source} ({concept.placeholder}) was trained for {'; '.join(problems)}"
             if not args.force:

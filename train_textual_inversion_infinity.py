@@ -37,6 +37,7 @@ from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
     InfinityPipeline,
+    effective_model_type,
     generate_images,
     make_image_grid,
     resolve_preset,
@@ -57,6 +58,7 @@ from infinity_t2i.textual_inversion import (
     initializer_pieces,
     initializer_vectors,
     mean_embedding_norm,
+    is_hub_repo_id,
     placeholder_tokens,
     save_learned_embeds,
     set_output_rows,
@@ -364,7 +366,7 @@ def concept_of(args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_i
         "hold_norm": args.hold_norm,
         "learnable_property": args.learnable_property,
         "base_model": args.pretrained_model_name_or_path,
-        "model_type": args.model_type,
+        "model_type": effective_model_type(args.pretrained_model_name_or_path, args.model_type),
         "text_encoder": resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, resolve_preset(args.pretrained_model_name_or_path, args.model_type)),
         "tokenizer": {"class": type(tokenizer).__name__, "legacy": True, "model_max_length": tokenizer.model_max_length, "added_token": "lstrip=False rstrip=False normalized=False special=False"},
         "pn": args.pn,
@@ -385,13 +387,17 @@ def save_image(image: Image.Image, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_model_card(args, repo_id: str, grid_name: str | None, num_vectors: int) -> None:
+def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor) -> None:
+    base, on_hub = args.pretrained_model_name_or_path, is_hub_repo_id(args.pretrained_model_name_or_path)
     card_data = ModelCardData(
         license="mit",
-        base_model=args.pretrained_model_name_or_path,
+        base_model=base if on_hub else None,  # a local path is no hub link
         tags=["infinity", "text-to-image", "textual-inversion", "flan-t5"],
         instance_prompt=args.placeholder_token,
     )
+    model_type = effective_model_type(base, args.model_type)
+    base_link = f"[{base}](https://huggingface.co/{base})" if on_hub else f"the local model `{os.path.basename(os.path.normpath(base))}`"
+    type_flag = "" if model_type == "custom" else f" --model_type {model_type}"
     placeholder = args.placeholder_token
     where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
     grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
@@ -399,21 +405,21 @@ def save_model_card(args, repo_id: str, grid_name: str | None, num_vectors: int)
 {card_data.to_yaml()}
 ---
 
-# Textual inversion: {placeholder} for Infinity ({args.model_type})
+# Textual inversion: {placeholder} for Infinity ({model_type})
 
-A learned flan-T5 token ({where}) for [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path}):
+A learned flan-T5 token ({where}) for {base_link}:
 write **{placeholder}** in a prompt to get the concept ({args.learnable_property}, initialised from
-"{args.initializer_token}", {num_vectors} vector(s), trained at {args.pn}).
+"{args.initializer_token}", {vectors.shape[0]} vector(s), trained at {args.pn}).
 {grid}
 ## Use
 
 ```bash
-python infer_textual_inversion.py --pretrained_model_name_or_path {args.pretrained_model_name_or_path} \\
-    --model_type {args.model_type} --learned_embeds {repo_id} \\
+python infer_textual_inversion.py --pretrained_model_name_or_path {base} \\
+   {type_flag} --learned_embeds {repo_id} \\
     --prompt "a photo of a {placeholder} on the beach" --num_images 4 --seed 0
 ```
 
-`learned_embeds.safetensors` holds `{{"{placeholder}": (num_vectors, 2048)}}` with metadata naming the
+`learned_embeds.safetensors` holds `{{"{placeholder}": {tuple(vectors.shape)}}}` with metadata naming the
 tokens, the initializer and the base model; `token_identifier.txt` and `type_of_concept.txt` name the
 trigger token and the kind of concept. Made with infinity-textual-inversion's
 `train_textual_inversion_infinity.py`; `infer_textual_inversion.py` comes with it.
@@ -708,7 +714,7 @@ def main(args):
         save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
         write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
         write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
-        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid, len(tokens))
+        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid, accelerator.unwrap_model(learned).vectors)
         if args.push_to_hub:
             upload_folder(
                 repo_id=repo_id,

@@ -50,6 +50,13 @@ def resolve_preset(pretrained_model_name_or_path: str, model_type: str) -> Model
     return MODEL_PRESETS[model_type]
 
 
+def effective_model_type(pretrained_model_name_or_path: str, model_type: str) -> str:
+    """What an embedding records as its model: the preset's name, or "custom" for a local folder
+    whose own infinity_config.json decides the architecture (the flag is then ignored)."""
+    local_config = os.path.join(pretrained_model_name_or_path, MODEL_CONFIG_NAME)
+    return "custom" if os.path.isdir(pretrained_model_name_or_path) and os.path.exists(local_config) else model_type
+
+
 def resolve_text_encoder(pretrained_model_name_or_path: str, text_encoder_name_or_path: str | None, preset: ModelPreset) -> str:
     """The text encoder `from_pretrained` loads: the one named, else a local model folder's own
     (bundled under the preset's name), else the preset's hub id (google/flan-t5-xl)."""

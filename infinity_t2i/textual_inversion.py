@@ -249,6 +249,9 @@ def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
         tensors[concept.placeholder + T5_INPUT_SUFFIX] = concept.t5_input
     tmp = path + ".tmp"
     save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared embedding is readable like any file
     os.replace(tmp, path)
 
 

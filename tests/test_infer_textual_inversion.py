@@ -67,7 +67,7 @@ def _train(tiny_pipeline_dir, tmp_path_factory):
 def write_concept(path, placeholder, num_vectors, seed=0, width=WIDTH, **metadata):
     vectors = torch.randn(num_vectors, width, generator=torch.Generator().manual_seed(seed))
     tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
-    save_learned_embeds(str(path), LearnedConcept(placeholder, tokens, vectors, {"initializer_token": "cat", "model_type": "infinity_2b", **metadata}))
+    save_learned_embeds(str(path), LearnedConcept(placeholder, tokens, vectors, {"initializer_token": "cat", "model_type": "custom", **metadata}))
     return vectors
 
 
@@ -307,7 +307,7 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
     "case,extra,message",
     [
         ("clip", [], "has vectors of size 768, but the text encoder's embeddings have size 128"),
-        ("8b", [], "was trained for model_type infinity_8b (this run: infinity_2b); load that model, or pass --force"),
+        ("8b", [], "was trained for model_type infinity_8b (this run: custom); load that model, or pass --force"),
         ("hub-names", ["--text_encoder_name_or_path", "google/flan-t5-xl"], "text_encoder google/t5-v1_1-xl (this run: google/flan-t5-xl)"),
         ("hub-names", ["--pretrained_model_name_or_path", "someone/infinity-finetune"], "base_model FoundationVision/Infinity (this run: someone/infinity-finetune)"),
         ("ok", ["--token", "dog"], "'dog' from"),

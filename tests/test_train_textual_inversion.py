@@ -69,8 +69,15 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
     assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
     assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (out / "type_of_concept.txt").read_text() == "object"
+    assert meta["model_type"] == "custom" and meta["ti_mode"] == "output"  # the folder's config decides, not --model_type
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
+    assert "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
+    # a local base model is no hub link, and the card says what this model is
+    assert "base_model:" not in card and str(tiny_pipeline_dir) not in card.split("## Use")[0]
+    assert "Infinity (custom)" in card and "(1, 128)" in card and "2048" not in card and "--model_type" not in card
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "learned_embeds.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     grids = sorted(os.listdir(out / "validation"))
     assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
     assert Image.open(out / "validation" / grids[-1]).size == (2 * 256, 2 * 256)  # 2 prompts x 2 images at 0.06M
