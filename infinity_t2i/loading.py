@@ -32,8 +32,15 @@ class ModelFilesNotFound(FileNotFoundError):
     """A model file that is neither on disk nor reachable on the hub."""
 
 
+def looks_like_a_path(name: str) -> bool:
+    """A local path, never a hub repo id (owner/name): absolute, relative with ./ or ../, or ~."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or os.path.isabs(name) or name.count("/") > 1
+
+
 def resolve_model_file(name_or_path: str, filename: str, revision: str | None = None) -> str:
     """Local path of `filename` (a file, or a folder of shards) in a local folder or hub repo."""
+    if looks_like_a_path(name_or_path) and not os.path.isdir(name_or_path):
+        raise ModelFilesNotFound(f"{name_or_path} is not a folder; pass a model folder or a hub repo id (owner/name)")
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, filename)
         if not os.path.exists(path):

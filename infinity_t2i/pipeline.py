@@ -18,6 +18,7 @@ from PIL import Image
 from .config import MODEL_CONFIG_NAME, MODEL_PRESETS, ModelPreset, load_model_config, save_model_config
 from .loading import (
     ModelFilesNotFound,
+    looks_like_a_path,
     load_into,
     read_state_dict,
     resolve_model_file,
@@ -97,10 +98,20 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: s
     `from_pretrained` and never cast afterwards: a later `.half()` would undo the float32 FFN outputs."""
     from transformers import AutoTokenizer, T5EncoderModel
 
+    if looks_like_a_path(name_or_path) and not os.path.isdir(name_or_path):
+        raise ModelFilesNotFound(f"text encoder folder {name_or_path} does not exist; pass a flan-T5 folder or a hub repo id such as google/flan-t5-xl")
+    if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, f)) for f in ("spiece.model", "tokenizer.json")):
+        # transformers would build a tokenizer of special tokens only, and every word would be <unk>
+        raise ModelFilesNotFound(f"{name_or_path} has no tokenizer files (spiece.model or tokenizer.json); copy them from the flan-T5 repo beside the weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, legacy=True)
         text_encoder = T5EncoderModel.from_pretrained(name_or_path, revision=revision, dtype=dtype)
     except OSError as e:
+        if os.path.isdir(name_or_path):
+            raise ModelFilesNotFound(
+                f"{name_or_path} holds no complete flan-T5 encoder ({type(e).__name__}); it needs config.json, the weights "
+                "(model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
+            ) from e
         raise ModelFilesNotFound(
             f"could not load the T5 text encoder from {name_or_path!r} ({type(e).__name__}); download "
             f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"

@@ -177,3 +177,32 @@ def test_pipeline_from_a_local_folder(tiny_pipeline_dir):
     single = pipe("a photo of a dog", schedule=schedule, seed=3).images[0]
     negative = pipe("a photo of a dog", negative_prompt="a cat", schedule=schedule, seed=3).images[0]
     assert not np.array_equal(np.asarray(negative), np.asarray(single))
+
+
+def test_model_folder_errors_point_at_the_folder(tiny_pipeline_dir, tmp_path):
+    """A missing local folder is no hub id; a text-encoder folder without weights or tokenizer
+    files says which files are missing, not a hub URL or the initializer word."""
+    import shutil
+
+    from infinity_t2i.loading import ModelFilesNotFound
+    from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder
+
+    with pytest.raises(ModelFilesNotFound, match="is not a folder; pass a model folder or a hub repo id") as e:
+        InfinityPipeline.from_pretrained(str(tmp_path / "nowhere"))
+    assert "huggingface.co" not in str(e.value)
+    with pytest.raises(ModelFilesNotFound, match="does not exist"):
+        load_text_encoder(str(tmp_path / "no-t5"), torch.float32, "cpu")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(f"{tiny_pipeline_dir}/text_encoder", no_weights)
+    for f in no_weights.glob("model*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelFilesNotFound, match="holds no complete flan-T5 encoder") as e:
+        load_text_encoder(str(no_weights), torch.float32, "cpu")
+    assert "huggingface.co" not in str(e.value)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(f"{tiny_pipeline_dir}/text_encoder", no_tokenizer)
+    for f in no_tokenizer.iterdir():
+        if f.name in ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            f.unlink()
+    with pytest.raises(ModelFilesNotFound, match="has no tokenizer files"):
+        load_text_encoder(str(no_tokenizer), torch.float32, "cpu")
