@@ -29,6 +29,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image, ImageOps
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -158,6 +159,8 @@ def parse_args(argv=None):
         parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces, e.g. <my-dog>")
+    if args.placeholder_token.isalnum():  # an added token also matches inside words: "irc" would split "circle"
+        parser.error(f"--placeholder_token {args.placeholder_token!r} is a bare word that would match inside other words; mark it, e.g. <{args.placeholder_token}>")
     return args
 
 
@@ -437,6 +440,19 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(output_dir, old))
 
 
+def resolve_resume(args) -> str | None:
+    """The checkpoint folder --resume_from_checkpoint names: a path, checkpoint-N inside
+    --output_dir (diffusers' form), or the latest there (None if there is none yet)."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        return latest_checkpoint(args.output_dir)
+    for path in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+        if os.path.isdir(path):
+            return path
+    raise UsageError(f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder (in --output_dir or a path) or 'latest'")
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -470,6 +486,13 @@ def main(args):
         )
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
+    if accelerator.mixed_precision == "fp16":  # from the accelerate config file, past parse_args' check
+        raise UsageError("mixed precision fp16 (from your accelerate config) is refused: Infinity's blocks run in bfloat16; pass --mixed_precision bf16 or no")
+    resume_path = resolve_resume(args)
+    if args.seed is None and resume_path is not None:  # the batch order depends on the seed
+        with safe_open(os.path.join(resume_path, STEP_RNG_NAME), "pt") as f:
+            args.seed = int(f.metadata()["seed"])
+        logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         logger.info(f"no --seed given; using {args.seed}")
@@ -578,19 +601,15 @@ def main(args):
 
     # 9. Resume.
     global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
-        if path is None or not os.path.isdir(path):
-            if args.resume_from_checkpoint != "latest":
-                raise UsageError(f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder or 'latest'")
-            accelerator.print("No checkpoint found; starting a new training run.")
-        else:
-            accelerator.print(f"Resuming from {path}")
-            accelerator.load_state(path)
-            step_rng.set_state(load_file(os.path.join(path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
-            global_step = int(os.path.basename(os.path.normpath(path)).split("-")[1])
-            first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
-            skip_batches = steps_into_epoch * args.gradient_accumulation_steps
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print("No checkpoint found; starting a new training run.")
+    elif resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
+        global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
+        first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+        skip_batches = steps_into_epoch * args.gradient_accumulation_steps
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running textual inversion *****")
@@ -632,7 +651,7 @@ def main(args):
 
     if global_step == 0:
         run_validation(0)
-    last_good = accelerator.unwrap_model(learned).weight.detach().clone()
+    last_good, last_good_step = accelerator.unwrap_model(learned).weight.detach().clone(), global_step
 
     def embed_with_learned(input_ids: torch.Tensor) -> torch.Tensor:
         # in T5's dtype, as inference writes the rows (accelerate returns float32 under mixed precision)
@@ -675,9 +694,10 @@ def main(args):
                 if not torch.isfinite(loss):
                     if accelerator.is_main_process:  # the vectors that last gave a finite loss
                         accelerator.unwrap_model(learned).weight.data.copy_(last_good)
-                        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
+                        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), last_good_step)
                     raise UsageError(f"the loss became {loss.item()} at step {global_step}; the last good embedding is in {args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)")
                 last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
+                last_good_step = global_step
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
@@ -698,7 +718,7 @@ def main(args):
                 if global_step % args.save_steps == 0:
                     save_embedding(os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, step_rng)
+                save_checkpoint(accelerator, args.output_dir, global_step, step_rng, args.seed)
                 if accelerator.is_main_process and args.checkpoints_total_limit is not None:
                     prune_checkpoints(args.output_dir, args.checkpoints_total_limit)  # only once the new one is complete
             if global_step % args.validation_steps == 0:
@@ -726,7 +746,7 @@ def main(args):
     accelerator.end_training()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, seed: int) -> None:
     """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
     every process, written to a temporary folder and renamed when complete."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -735,7 +755,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_r
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
-        save_file({f"process_{i}": s for i, s in enumerate(states)}, os.path.join(tmp, STEP_RNG_NAME))
+        save_file({f"process_{i}": s for i, s in enumerate(states)}, os.path.join(tmp, STEP_RNG_NAME), metadata={"seed": str(seed)})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -144,6 +144,17 @@ def test_resumed_run_ends_with_the_uninterrupted_embedding(tiny_pipeline_dir, co
     assert not torch.equal(at_step_3, full)  # steps 4 and 5 did change the vectors
 
 
+def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_relative_form(tiny_pipeline_dir, concept_dir, tmp_path):
+    common = ("--checkpointing_steps", "3", "--save_steps", "1000", "--learning_rate", "0.05")
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "full", "--max_train_steps", "6", "--seed", "7", *common)
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "3", "--seed", "7", *common)
+    argv = train_args(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "6", "--resume_from_checkpoint", "checkpoint-3", *common)
+    k = argv.index("--seed")
+    train.main(train.parse_args(argv[:k] + argv[k + 2 :]))  # no --seed at all
+    full = load_file(tmp_path / "full" / "learned_embeds.safetensors")[PLACEHOLDER]
+    assert torch.equal(load_file(tmp_path / "part" / "learned_embeds.safetensors")[PLACEHOLDER], full)
+
+
 def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
     run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
@@ -153,10 +164,10 @@ def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
     real_save = train.save_checkpoint
 
-    def killed_at_step_4(accelerator, output_dir, step, step_rng):
+    def killed_at_step_4(accelerator, output_dir, step, *rest):
         if step == 4:
             raise KeyboardInterrupt("killed while writing checkpoint-4")
-        real_save(accelerator, output_dir, step, step_rng)
+        real_save(accelerator, output_dir, step, *rest)
 
     monkeypatch.setattr(train, "save_checkpoint", killed_at_step_4)
     out = tmp_path / "out"
@@ -262,7 +273,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("empty", [], "holds no images"),
         ("corrupt", [], "cannot read image"),
         ("uncaptioned", [], "does not contain <blob>"),
-        ("ok", ["--placeholder_token", "dog"], "already in the tokenizer's vocabulary"),
+        ("ok", ["--placeholder_token", "</s>"], "already in the tokenizer's vocabulary"),
         ("ok", ["--initializer_token", "日本"], "unknown to the tokenizer"),
         ("ok", ["--mixed_precision", "fp16"], "blocks run in bfloat16"),
         ("ok", ["--resume_from_checkpoint", "nowhere"], "does not exist"),
@@ -270,6 +281,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--num_validation_images", "0"], "--num_validation_images must be at least 1"),
         ("ok", ["--learning_rate", "nan"], "--learning_rate must be a positive number"),
         ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),
+        ("ok", ["--placeholder_token", "irc"], "bare word that would match inside other words; mark it, e.g. <irc>"),
         ("latin1", [], "is not UTF-8 text"),
     ],
 )
@@ -328,6 +340,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, con
     # step 3 saw the vectors after two updates and failed; step 2's (after one update) were good
     assert torch.equal(kept, load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
     assert not torch.equal(kept, load_file(out / "learned_embeds-steps-2.safetensors")[PLACEHOLDER])
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "1"  # labelled with the step whose vectors it holds
 
 
 def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
@@ -356,3 +370,16 @@ def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_p
     rng = load_file(out / "checkpoint-2" / "step_rng.safetensors")
     assert set(rng) == {"process_0", "process_1"} and not torch.equal(rng["process_0"], rng["process_1"])
     assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (1, 128)
+
+
+def test_fp16_from_the_accelerate_config_is_refused_too(tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from a config file
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "1"), capsys)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "mixed precision fp16 (from your accelerate config) is refused" in err
+    assert not (tmp_path / "out").exists()
