@@ -69,7 +69,7 @@ from infinity_t2i.training import bitwise_loss, make_training_inputs
 
 logger = get_logger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # GIF/TIFF: the first frame
 STEP_RNG_NAME = "step_rng.safetensors"
 
 
@@ -266,7 +266,14 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
     names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
     if not names:
         raise UsageError(f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-20 photos of the concept")
+    subfolders = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)) and not n.startswith("."))
+    if subfolders:
+        # the data is read before accelerate starts, so the plain logger
+        logging.getLogger(__name__).warning(f"--train_data_dir {folder}: subfolders are not read ({', '.join(subfolders)}); put every image in the folder itself")
     captions = read_captions(folder, args.caption_column)
+    unknown = sorted(set(captions) - set(names))
+    if unknown:
+        raise UsageError(f"{os.path.join(folder, 'metadata.jsonl')} names {', '.join(unknown)}, not an image in {folder}; fix the file_name or add the image")
     examples = []
     for name in names:
         try:

@@ -283,6 +283,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),
         ("ok", ["--placeholder_token", "irc"], "bare word that would match inside other words; mark it, e.g. <irc>"),
         ("latin1", [], "is not UTF-8 text"),
+        ("stray_metadata", [], "names gone.png, not an image in"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
@@ -296,6 +297,9 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         draw_concept(data / "fine.png")
     if case == "uncaptioned":
         (data / "fine.txt").write_text("a photo of a dog")
+    if case == "stray_metadata":
+        draw_concept(data / "fine.png")
+        (data / "metadata.jsonl").write_text('{"file_name": "fine.png", "text": "a <blob>"}\n{"file_name": "gone.png", "text": "a <blob>"}\n')
     if case == "latin1":
         draw_concept(data / "fine.png")
         (data / "fine.txt").write_bytes("a <blob> in a café".encode("latin-1"))
@@ -383,3 +387,16 @@ def test_fp16_from_the_accelerate_config_is_refused_too(tiny_pipeline_dir, conce
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "mixed precision fp16 (from your accelerate config) is refused" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gif_and_tiff_images_are_read_and_subfolders_are_named(tiny_pipeline_dir, tmp_path, caplog):
+    data = tmp_path / "data"
+    (data / "more").mkdir(parents=True)
+    draw_concept(data / "a.gif")
+    draw_concept(data / "b.tif")
+    draw_concept(data / "more" / "c.png")
+    args = train.parse_args(train_args(tiny_pipeline_dir, data, tmp_path / "out"))
+    with caplog.at_level("WARNING"):
+        examples = train.read_examples(args)
+    assert [name for name, _, _ in examples] == ["a.gif", "b.tif"] and all(image.mode == "RGB" for _, image, _ in examples)
+    assert "subfolders are not read (more)" in caplog.text
