@@ -88,6 +88,7 @@ def parse_args():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "toy-fidelity"))
+    p.add_argument("--table_only", action="store_true", help="Print the table of the settings from results.json; run nothing.")
     return p.parse_args()
 
 
@@ -102,7 +103,7 @@ def main():
     if os.path.exists(results_path):  # runs of earlier invocations stay; a setting's seed is run again
         with open(results_path) as f:
             results = json.load(f)
-    for name in names:
+    for name in [] if args.table_only else names:
         concept = toy_world.HELD_OUT_CONCEPTS[name]
         entry = results.setdefault(name, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)

@@ -62,10 +62,11 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
             "token_identifier.txt", "type_of_concept.txt", "README.md", "checkpoint-2", "checkpoint-4", "validation", "logs"} <= files  # fmt: skip
     assert not [f for f in files if f.endswith(".tmp")]
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
-        # the default output mode: the learned output vector and the fixed T5 input row
-        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (1, 128)
+        # the default output mode: 4 learned output vectors and the fixed T5 input rows ("dog" is one piece)
+        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (4, 128)
         meta = f.metadata()
-    assert json.loads(meta["tokens"]) == [PLACEHOLDER] and meta["initializer_token"] == "dog" and meta["step"] == "4"
+    assert json.loads(meta["tokens"]) == [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in (1, 2, 3)]
+    assert meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
     assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
     assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (out / "type_of_concept.txt").read_text() == "object"
@@ -74,7 +75,7 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
     # a local base model is no hub link, and the card says what this model is
     assert "base_model:" not in card and str(tiny_pipeline_dir) not in card.split("## Use")[0]
-    assert "Infinity (custom)" in card and "(1, 128)" in card and "2048" not in card and "--model_type" not in card
+    assert "Infinity (custom)" in card and "(4, 128)" in card and "2048" not in card and "--model_type" not in card
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out / "learned_embeds.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
