@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from infinity_t2i.files import unwritable_reason
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
@@ -308,8 +309,11 @@ def main(args):
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         logger.info(f"no --seed given; using {args.seed}")
 
-    # 1. Prompts and embedding files: read and checked before the model loads.
+    # 1. Prompts, embedding files and the output folder: checked before the model loads.
     prompts = read_prompts(args)
+    problem = unwritable_reason(args.output_dir)
+    if problem:
+        raise UsageError(f"--output_dir: {problem}; choose another folder")
     loaded: list[LearnedConcept] = []
     for k, source in enumerate(args.learned_embeds):
         token = args.token[k] if args.token and k < len(args.token) else None

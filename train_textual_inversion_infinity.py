@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from infinity_t2i.files import unwritable_reason
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
@@ -478,8 +479,11 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def main(args):
-    # 1. Read and check the data before anything is loaded or written.
+    # 1. Read and check the data, and where the results go, before anything is loaded or written.
     raw_examples = read_examples(args)
+    problem = unwritable_reason(args.output_dir)
+    if problem:
+        raise UsageError(f"--output_dir: {problem}; choose another folder")
 
     # 2. Accelerator, logging, seed.
     accelerator = Accelerator(

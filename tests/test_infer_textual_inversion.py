@@ -319,6 +319,7 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
         ("ok", ["--prompt_file", "nowhere.txt"], "cannot read --prompt_file nowhere.txt"),
         ("ok", ["--prompt", "a <ok>:1 and <ok>:2"], "two scales"),
         ("ok", ["--token", "a", "--token", "b"], "2 --token for 1 --learned_embeds"),
+        ("output-is-a-file", [], "--output_dir: "),
         pytest.param("ok", ["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
     ],
 )
@@ -345,9 +346,17 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         embeds = tmp_path / "embedding.pt"
         torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "args": argparse.Namespace(lr=1)}, embeds)
     out = tmp_path / "out"
+    if case == "output-is-a-file":  # refused before the model loads, not after the images are made
+        write_concept(embeds, "<ok>", 1)
+        out = tmp_path / "a-file"
+        out.write_text("not a folder")
+        message = f"--output_dir: {out} is a file, not a folder; choose another folder"
     argv = infer_args(tiny_pipeline_dir, [embeds] * (2 if case == "twice" else 1), out, "--prompt", "a <ok>") + extra
     err = run_script_expecting_error(SCRIPT, argv, capsys)
     assert message in err, err
     if case == "offline":
         assert "DIR/learned_embeds.safetensors" in err
-    assert not out.exists()
+    if case == "output-is-a-file":
+        assert out.read_text() == "not a folder"
+    else:
+        assert not out.exists()

@@ -285,6 +285,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--placeholder_token", "irc"], "bare word that would match inside other words; mark it, e.g. <irc>"),
         ("latin1", [], "is not UTF-8 text"),
         ("stray_metadata", [], "names gone.png, not an image in"),
+        ("ok", ["--output_dir", "OUTPUT_IS_A_FILE"], "is a file, not a folder; choose another folder"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
@@ -305,6 +306,9 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         draw_concept(data / "fine.png")
         (data / "fine.txt").write_bytes("a <blob> in a café".encode("latin-1"))
     out = tmp_path / "out"
+    if "OUTPUT_IS_A_FILE" in extra:
+        (tmp_path / "a-file").write_text("not a folder")
+        extra = [str(tmp_path / "a-file") if a == "OUTPUT_IS_A_FILE" else a for a in extra]
     argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "1") + extra
     err = run_script_expecting_error(SCRIPT, argv, capsys)
     assert message in err, err
