@@ -378,7 +378,7 @@ def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_p
     assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
     rng = load_file(out / "checkpoint-2" / "step_rng.safetensors")
     assert set(rng) == {"process_0", "process_1"} and not torch.equal(rng["process_0"], rng["process_1"])
-    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (1, 128)
+    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)  # output mode: 4 vectors
 
 
 def test_fp16_from_the_accelerate_config_is_refused_too(tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch):
