@@ -88,7 +88,9 @@ def parse_args():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "toy-fidelity"))
-    p.add_argument("--table_only", action="store_true", help="Print the table of the settings from results.json; run nothing.")
+    p.add_argument(
+        "--table_only", action="store_true", help="Print the table of the settings from results.json; run nothing."
+    )
     return p.parse_args()
 
 

@@ -1,7 +1,6 @@
 """flan-T5 in the precision the official code runs it: float16 weights, FFN outputs in float32."""
 
 import torch
-from helpers import draw_concept
 
 import train_textual_inversion_infinity as train
 from infinity_t2i.pipeline import InfinityPipeline, default_text_encoder_dtype, load_text_encoder
@@ -32,14 +31,10 @@ def test_default_text_encoder_precision_is_float16_on_a_gpu_and_float32_on_the_c
     assert pipe.transformer.blocks[0].ffn.fc1.weight.dtype == torch.bfloat16
 
 
-def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(2):
-        draw_concept(folder / f"{i}.png", shift=i)
+def test_training_through_a_float16_t5(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
     train.main(train.parse_args([
-        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(folder),
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
         "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(out), "--pn", "0.06M",
         "--repeats", "1", "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--text_encoder_dtype", "float16",
     ]))  # fmt: skip
@@ -49,12 +44,11 @@ def test_training_through_a_float16_t5(tiny_pipeline_dir, tmp_path):
     assert torch.isfinite(concept.vectors).all() and concept.metadata["step"] == 2
 
 
-def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
     """accelerate returns float32 from the prepared module under bf16; inference writes the rows
     in T5's dtype, so training must feed T5 the same (bfloat16) vectors."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    draw_concept(folder / "0.png")
     seen = []
     real_encode = train.encode_prompt
 
@@ -70,7 +64,7 @@ def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_
     AcceleratorState._reset_state(reset_partial_state=True)  # the process's first Accelerator fixed "no"
     try:
         train.main(train.parse_args([
-            "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(folder),
+            "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
             "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M",
             "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--ti_mode", "input",
             "--mixed_precision", "bf16", "--text_encoder_dtype", "bfloat16",
@@ -80,7 +74,9 @@ def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(tiny_
     assert seen and all(fed == rows == torch.bfloat16 for fed, rows in seen)
 
 
-def test_gradient_checkpointing_trains_through_t5_without_its_dropout(tiny_pipeline_dir, tmp_path, monkeypatch):
+def test_gradient_checkpointing_trains_through_t5_without_its_dropout(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
     """flan-T5-XL ships dropout_rate 0.1, which T5's attention applies itself in train mode."""
     import json
     import shutil
@@ -90,9 +86,6 @@ def test_gradient_checkpointing_trains_through_t5_without_its_dropout(tiny_pipel
     config_path = model / "text_encoder" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "dropout_rate": 0.1}))
-    folder = tmp_path / "images"
-    folder.mkdir()
-    draw_concept(folder / "0.png")
     differences = []
     real_encode = train.encode_prompt
 
@@ -107,7 +100,7 @@ def test_gradient_checkpointing_trains_through_t5_without_its_dropout(tiny_pipel
     monkeypatch.setattr(train, "encode_prompt", encode_twice)
     train.main(
         train.parse_args(
-            ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(folder), "--placeholder_token", "<blob>",
+            ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(concept_dir), "--placeholder_token", "<blob>",
              "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M", "--repeats", "2",
              "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--gradient_checkpointing"]
         )
