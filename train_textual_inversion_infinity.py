@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -466,6 +467,26 @@ def resolve_resume(args) -> str | None:
     raise UsageError(f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder (in --output_dir or a path) or 'latest'")
 
 
+def check_checkpoint(path: str, num_processes: int) -> None:
+    """Refuses, in one line and before any model loads, a checkpoint that cannot resume exactly:
+    a missing, empty or truncated file (accelerate would skip broken random states silently)."""
+    names = ["model.safetensors", "optimizer.bin", "scheduler.bin", STEP_RNG_NAME, *(f"random_states_{i}.pkl" for i in range(num_processes))]
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file) or os.path.getsize(file) == 0:
+            raise UsageError(f"checkpoint {path} lacks {name}; resume from another checkpoint or start a new run")
+        if name.endswith(".safetensors"):
+            try:
+                load_file(file)
+                intact = True
+            except Exception:  # safetensors raises several kinds for a damaged file
+                intact = False
+        else:
+            intact = zipfile.is_zipfile(file)  # torch.save's archive: a truncated one has no central directory
+        if not intact:
+            raise UsageError(f"checkpoint {path}: {name} is truncated or damaged; resume from another checkpoint or start a new run")
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -505,6 +526,8 @@ def main(args):
     if accelerator.mixed_precision == "fp16":  # from the accelerate config file, past parse_args' check
         raise UsageError("mixed precision fp16 (from your accelerate config) is refused: Infinity's blocks run in bfloat16; pass --mixed_precision bf16 or no")
     resume_path = resolve_resume(args)
+    if resume_path is not None:
+        check_checkpoint(resume_path, accelerator.num_processes)
     if args.seed is None and resume_path is not None:  # the batch order depends on the seed
         with safe_open(os.path.join(resume_path, STEP_RNG_NAME), "pt") as f:
             args.seed = int(f.metadata()["seed"])
@@ -621,6 +644,10 @@ def main(args):
         accelerator.print("No checkpoint found; starting a new training run.")
     elif resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
+        saved = {k: tuple(v.shape) for k, v in load_file(os.path.join(resume_path, "model.safetensors")).items()}
+        expected = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(learned).state_dict().items()}
+        if saved != expected:
+            raise UsageError(f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another --num_vectors, --ti_mode or --hold_norm")
         accelerator.load_state(resume_path)
         step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
         global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])

@@ -156,6 +156,33 @@ def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_
     assert torch.equal(load_file(tmp_path / "part" / "learned_embeds.safetensors")[PLACEHOLDER], full)
 
 
+@pytest.mark.parametrize(
+    "damage,extra,message",
+    [
+        ("delete optimizer.bin", [], "lacks optimizer.bin"),
+        ("truncate random_states_0.pkl", [], "random_states_0.pkl is truncated or damaged"),
+        ("truncate model.safetensors", [], "model.safetensors is truncated or damaged"),
+        ("", ["--num_vectors", "5"], "made with another --num_vectors"),
+    ],
+)
+def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(tiny_pipeline_dir, concept_dir, tmp_path, capsys, damage, extra, message):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    checkpoint = out / "checkpoint-2"
+    if damage:
+        action, name = damage.split()
+        if action == "delete":
+            (checkpoint / name).unlink()
+        else:
+            data = (checkpoint / name).read_bytes()
+            (checkpoint / name).write_bytes(data[: len(data) // 2])
+    final = (out / "learned_embeds.safetensors").read_bytes()
+    argv = train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *extra)
+    err = run_script_expecting_error(SCRIPT, argv, capsys)
+    assert message in err and "checkpoint" in err, err
+    assert (out / "learned_embeds.safetensors").read_bytes() == final  # nothing overwritten
+
+
 def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
     run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
