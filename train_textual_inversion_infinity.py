@@ -734,11 +734,13 @@ def main(args):
                     text = TextCondition(learned(input_ids, text.features), text.mask)
                 logits = transformer(text, inputs.x_tokens, schedule)
                 loss = bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
-                if not torch.isfinite(loss):
+                # decided together: a NaN on any process stops every process, and the main one saves
+                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() > 0
+                if not finite:
                     if accelerator.is_main_process:  # the vectors that last gave a finite loss
                         accelerator.unwrap_model(learned).weight.data.copy_(last_good)
                         save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), last_good_step)
-                    raise UsageError(f"the loss became {loss.item()} at step {global_step}; the last good embedding is in {args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)")
+                    raise UsageError(f"the loss became non-finite at step {global_step}; the last good embedding is in {args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)")
                 last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
                 last_good_step = global_step
                 accelerator.backward(loss)

@@ -370,7 +370,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, con
     train_bitwise_loss = train.bitwise_loss
     monkeypatch.setattr(train, "bitwise_loss", loss_that_breaks_at_step_3)
     out = tmp_path / "out"
-    with pytest.raises(train.UsageError, match="the loss became nan at step 2"):
+    with pytest.raises(train.UsageError, match="the loss became non-finite at step 2"):
         run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "10", "--save_steps", "1", "--learning_rate", "0.1")
     kept = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
     # step 3 saw the vectors after two updates and failed; step 2's (after one update) were good
@@ -432,3 +432,32 @@ def test_gif_and_tiff_images_are_read_and_subfolders_are_named(tiny_pipeline_dir
         examples = train.read_examples(args)
     assert [name for name, _, _ in examples] == ["a.gif", "b.tif"] and all(image.mode == "RGB" for _, image, _ in examples)
     assert "subfolders are not read (more)" in caplog.text
+
+
+def test_a_nan_on_one_process_stops_both_and_the_main_one_keeps_the_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
+    """Two CPU processes (gloo); only process 1 sees a NaN loss, at its second step."""
+    wrapper = tmp_path / "nan_on_rank_1.py"
+    wrapper.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train_textual_inversion_infinity as train\n"
+        "real, calls = train.bitwise_loss, []\n"
+        "def loss(*args):\n"
+        "    calls.append(1)\n"
+        "    value = real(*args)\n"
+        "    return value * float('nan') if os.environ['RANK'] == '1' and len(calls) == 2 else value\n"
+        "train.bitwise_loss = loss\n"
+        "try:\n"
+        "    train.main(train.parse_args(sys.argv[1:]))\n"
+        "except train.BAD_INPUT as e:\n"
+        "    sys.exit(f'error: {e}')\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", str(wrapper),
+           *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "1")]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and result.stderr.count("the loss became non-finite at step 1") == 2, result.stderr[-3000:]
+    # the vectors after one update gave a NaN on process 1: the last ones good everywhere are the start
+    with safe_open(out / "learned_embeds.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "0"
+        assert not torch.equal(f.get_tensor(PLACEHOLDER), load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
