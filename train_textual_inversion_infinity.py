@@ -326,10 +326,15 @@ class RepeatedIndices(Dataset):
 
 class SameShapeBatchSampler(torch.utils.data.Sampler):
     """Shuffled batches whose images share one template (one tensor shape), reshuffled from
-    (seed, epoch) so that a resumed run sees exactly the batches the original run saw."""
+    (seed, epoch) so that a resumed run sees exactly the batches the original run saw.
 
-    def __init__(self, dataset: RepeatedIndices, schedule_keys: list, batch_size: int, seed: int):
+    Several processes share out the batches themselves (process r takes batches r, r + n, ...;
+    the list is padded to a multiple of n with its first batches, so every process runs the same
+    number of steps and no batch mixes shapes): accelerate's sharding assumes fixed-size batches."""
+
+    def __init__(self, dataset: RepeatedIndices, schedule_keys: list, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
         self.dataset, self.keys, self.batch_size, self.seed, self.epoch = dataset, schedule_keys, batch_size, seed, 0
+        self.num_processes, self.process_index = num_processes, process_index
 
     def use_epoch(self, epoch: int):
         # not `set_epoch`: accelerate calls that with its own iteration count, which restarts
@@ -343,7 +348,9 @@ class SameShapeBatchSampler(torch.utils.data.Sampler):
             buckets.setdefault(self.keys[i % self.dataset.num_examples], []).append(i)
         batches = [b[k : k + self.batch_size] for b in buckets.values() for k in range(0, len(b), self.batch_size)]
         order = torch.randperm(len(batches), generator=g).tolist()
-        return [batches[k] for k in order]
+        batches = [batches[k] for k in order]
+        batches += [batches[k % len(batches)] for k in range(-len(batches) % self.num_processes)]
+        return batches[self.process_index :: self.num_processes]
 
     def __iter__(self):
         return iter(self._batches())
@@ -519,7 +526,7 @@ def main(args):
     if launched != accelerator.num_processes:  # e.g. --multi_gpu on a CPU machine: N separate runs into one folder
         raise UsageError(
             f"{launched} processes were launched but accelerate runs {accelerator.num_processes}; on CPUs launch with "
-            "ACCELERATE_USE_CPU=1 accelerate launch --multi_cpu --num_processes N"
+            "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N train_textual_inversion_infinity.py ..."
         )
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
@@ -604,14 +611,14 @@ def main(args):
             torch.cuda.empty_cache()
             logger.info(f"flan-T5 moved to the CPU after encoding {len(captions)} captions ({sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30:.2f} GiB of GPU memory freed)")
     dataset = RepeatedIndices(len(examples), args.repeats)
-    batch_sampler = SameShapeBatchSampler(dataset, [s.grids for s in schedules], args.train_batch_size, args.seed)
+    batch_sampler = SameShapeBatchSampler(dataset, [s.grids for s in schedules], args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     train_dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
 
     # 7. Optimizer and schedule.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    steps_per_epoch = math.ceil(len(train_dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # this process's share
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     lr_scheduler = transformers.get_scheduler(
@@ -621,8 +628,7 @@ def main(args):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
         scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles} if args.lr_scheduler == "cosine_with_restarts" else None,
     )
-    learned, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(learned, optimizer, train_dataloader, lr_scheduler)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    learned, optimizer, lr_scheduler = accelerator.prepare(learned, optimizer, lr_scheduler)  # the loader shards itself
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     # per-step randomness (caption templates, flips, self-correction) from one generator per
     # process, saved with each checkpoint
@@ -703,7 +709,7 @@ def main(args):
     # 10. The loop.
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for epoch in range(first_epoch, args.num_train_epochs):
-        batch_sampler.use_epoch(epoch)  # accelerate iterates this same sampler object
+        batch_sampler.use_epoch(epoch)
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
         for indices in batches:
             if global_step >= args.max_train_steps:  # a resumed run that had already finished

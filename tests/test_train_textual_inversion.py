@@ -393,13 +393,17 @@ def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_d
     assert lengths == [(21, 21, 21)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales
 
 
+def launch_two_processes(script, argv, port: int) -> subprocess.CompletedProcess:
+    """`script argv` in two CPU processes (DDP over gloo), as torchrun starts them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script), *map(str, argv)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+
+
 def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
     """DDP over two CPU processes (gloo): the main process alone writes, checkpoints hold the
     random state of both processes."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571", SCRIPT,
-           *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    result = launch_two_processes(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2"), 29571)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("DistributedType.MULTI_CPU") == 2
     assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
@@ -453,11 +457,57 @@ def test_a_nan_on_one_process_stops_both_and_the_main_one_keeps_the_embedding(ti
         "    sys.exit(f'error: {e}')\n"
     )
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", str(wrapper),
-           *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "1")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    result = launch_two_processes(wrapper, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "1"), 29573)
     assert result.returncode != 0 and result.stderr.count("the loss became non-finite at step 1") == 2, result.stderr[-3000:]
     # the vectors after one update gave a NaN on process 1: the last ones good everywhere are the start
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         assert f.metadata()["step"] == "0"
         assert not torch.equal(f.get_tensor(PLACEHOLDER), load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
+
+
+def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipeline_dir, tmp_path):
+    """Batch 2 over two processes with images of two aspect ratios: every batch holds one shape,
+    every image is seen in the epoch, and both processes run the same number of steps."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        draw_concept(data / f"wide_{i}.png", size=(96, 64), shift=i)
+        draw_concept(data / f"tall_{i}.png", size=(64, 96), shift=i)
+    wrapper = tmp_path / "record_batches.py"
+    wrapper.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import train_textual_inversion_infinity as train\n"
+        "real_iter = train.SameShapeBatchSampler.__iter__\n"
+        "def recording_iter(self):\n"
+        "    batches = list(real_iter(self))\n"
+        "    with open(os.path.join(sys.argv[-1], f\"batches_{os.environ['RANK']}_{self.epoch}.json\"), 'w') as f:\n"
+        "        json.dump(batches, f)\n"
+        "    return iter(batches)\n"
+        "train.SameShapeBatchSampler.__iter__ = recording_iter\n"
+        "train.main(train.parse_args(sys.argv[1:-1]))\n"
+    )
+    out = tmp_path / "out"
+    record = tmp_path / "record"
+    record.mkdir()
+    common = ["--train_batch_size", "2", "--aspect_ratio", "nearest", "--checkpointing_steps", "2", "--learning_rate", "0.05"]
+    argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "2", *common)
+    argv[argv.index("--repeats") + 1] = "1"
+    result = launch_two_processes(wrapper, [*argv, record], 29575)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((record / f"batches_{r}_0.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # 6 images: 2 shapes x (2 + 1) -> 4 batches, 2 each
+    names = sorted(os.listdir(data))  # the script reads them sorted
+    seen = [names[i].split("_")[0] for batches in ranks for batch in batches for i in batch]
+    assert all(len({names[i].split("_")[0] for i in batch}) == 1 for batches in ranks for batch in batches)
+    assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(6)) and len(seen) == 6
+    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)
+
+    # stopped after step 2 and resumed to step 4, it ends where an uninterrupted run ends
+    assert launch_two_processes(SCRIPT, [*argv, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], 29577).returncode == 0
+    full = tmp_path / "full"
+    full_argv = train_args(tiny_pipeline_dir, data, full, "--max_train_steps", "4", *common)
+    full_argv[full_argv.index("--repeats") + 1] = "1"
+    assert launch_two_processes(SCRIPT, full_argv, 29579).returncode == 0
+    resumed = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
+    assert torch.equal(resumed, load_file(full / "learned_embeds.safetensors")[PLACEHOLDER])
