@@ -313,6 +313,12 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("latin1", [], "is not UTF-8 text"),
         ("stray_metadata", [], "names gone.png, not an image in"),
         ("ok", ["--output_dir", "OUTPUT_IS_A_FILE"], "is a file, not a folder; choose another folder"),
+        ("ok", ["--num_vectors", "0"], "--num_vectors must be at least 1"),
+        ("ok", ["--train_batch_size", "0"], "--train_batch_size must be at least 1"),
+        ("ok", ["--train_scales", "1"], "--train_scales must be at least 2"),
+        ("ok", ["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+        ("ok", ["--ti_mode", "middle"], "invalid choice: 'middle'"),
+        ("ok", ["--text_encoder_dtype", "int8"], "invalid choice: 'int8'"),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
