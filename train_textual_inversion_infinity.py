@@ -337,8 +337,8 @@ class SameShapeBatchSampler(torch.utils.data.Sampler):
         self.num_processes, self.process_index = num_processes, process_index
 
     def use_epoch(self, epoch: int):
-        # not `set_epoch`: accelerate calls that with its own iteration count, which restarts
-        # at 0 in a resumed run
+        # not `set_epoch`: that name invites callers (accelerate) that count epochs their own way,
+        # restarting at 0 in a resumed run
         self.epoch = epoch
 
     def _batches(self):
@@ -578,10 +578,8 @@ def main(args):
         # the word), and the vectors start at T5's output there in the first caption template
         write_rows(text_encoder, token_ids, start)
         first_caption = expand_placeholders(TEMPLATES[args.learnable_property][0].format(args.placeholder_token), concept_tokens)
-        with torch.no_grad():
-            ids, _ = tokenize(tokenizer, [first_caption])
-            features = encode_prompt(tokenizer, text_encoder, [first_caption]).features[0]
-        start = torch.stack([features[int((ids[0] == i).nonzero()[0, 0])] for i in token_ids]).cpu()
+        ids, features = CaptionFeatures(tokenizer, text_encoder, [first_caption]).rows[first_caption]
+        start = torch.stack([features[int((ids == i).nonzero()[0, 0])] for i in token_ids]).cpu()
     learned = LearnedVectors(token_ids, start, hold_norm=args.hold_norm).to(accelerator.device)
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
