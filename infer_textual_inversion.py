@@ -27,7 +27,6 @@ in place of the learned token), and `settings.json` (every setting, the embeddin
 """
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -40,19 +39,19 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from infinity_t2i.files import unwritable_reason
+from infinity_t2i.files import save_image, unwritable_reason, write_json
+from infinity_t2i.grids import labelled_grid
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
     InfinityPipeline,
     effective_model_type,
     generate_images,
-    make_image_grid,
     resolve_preset,
     resolve_text_encoder,
 )
 from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule, nearest_template
-from infinity_t2i.sampling import DEFAULT_CFG, DEFAULT_CFG_INSERTION_LAYER, DEFAULT_TAU, DEFAULT_TOP_K, DEFAULT_TOP_P
+from infinity_t2i.sampling import SamplingSettings
 from infinity_t2i.textual_inversion import (
     ConceptError,
     LearnedConcept,
@@ -60,6 +59,8 @@ from infinity_t2i.textual_inversion import (
     expand_placeholders,
     is_hub_repo_id,
     load_learned_embeds,
+    placeholder_pattern,
+    replace_placeholder,
     set_output_rows,
     write_rows,
 )
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SETTINGS_NAME = "settings.json"
+SAMPLING_DEFAULTS = SamplingSettings()  # the official run_infinity.py's
 # "<my-dog>:0.8" -> scale 0.8 (no sign means positive; "2." keeps the sentence's full stop)
 SCALE_SUFFIX = r":(-?(?:\d+(?:\.\d+)?|\.\d+))"
 
@@ -82,42 +84,148 @@ BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Generate images with Infinity and textual-inversion embeddings.")
     # model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub repo id (FoundationVision/Infinity) or a local folder with the same file names.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub repo id (FoundationVision/Infinity) or a local folder with the same file names.",
+    )
     parser.add_argument("--model_revision", type=str, default=None, help="Revision of the Infinity hub repo.")
-    parser.add_argument("--model_type", type=str, default="infinity_2b", choices=["infinity_2b", "infinity_8b"], help="Which released model (ignored for a local folder with infinity_config.json).")
-    parser.add_argument("--text_encoder_name_or_path", type=str, default=None, help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).")
-    parser.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES), help="Weights of the transformer blocks (the VAE stays float32); default bfloat16 on CUDA, float32 on CPU.")
-    parser.add_argument("--text_encoder_dtype", type=str, default=None, choices=sorted(TEXT_ENCODER_DTYPES), help="flan-T5's weights; default float16 on CUDA (FFN outputs kept in float32, as officially), float32 on CPU.")
+    parser.add_argument(
+        "--model_type",
+        type=str,
+        default="infinity_2b",
+        choices=["infinity_2b", "infinity_8b"],
+        help="Which released model (ignored for a local folder with infinity_config.json).",
+    )
+    parser.add_argument(
+        "--text_encoder_name_or_path",
+        type=str,
+        default=None,
+        help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=str,
+        default=None,
+        choices=sorted(DTYPES),
+        help="Weights of the transformer blocks (the VAE stays float32); default bfloat16 on CUDA, float32 on CPU.",
+    )
+    parser.add_argument(
+        "--text_encoder_dtype",
+        type=str,
+        default=None,
+        choices=sorted(TEXT_ENCODER_DTYPES),
+        help="flan-T5's weights; default float16 on CUDA (FFN outputs kept in float32, as officially), float32 on CPU.",
+    )
     parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
     # embeddings
-    parser.add_argument("--learned_embeds", type=str, action="append", required=True, help="A .safetensors/.bin/.pt embedding, a folder with learned_embeds.safetensors, or a hub repo id; repeatable.")
-    parser.add_argument("--token", type=str, action="append", default=None, help="A new name for the placeholder of the matching --learned_embeds (the first --token renames the first file's, ...); repeatable.")
+    parser.add_argument(
+        "--learned_embeds",
+        type=str,
+        action="append",
+        required=True,
+        help=(
+            "A .safetensors/.bin/.pt embedding, a folder with learned_embeds.safetensors, or a hub repo id; repeatable."
+        ),
+    )
+    parser.add_argument(
+        "--token",
+        type=str,
+        action="append",
+        default=None,
+        help=(
+            "A new name for the placeholder of the matching --learned_embeds (the first --token renames the first "
+            "file's, ...); repeatable."
+        ),
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of --learned_embeds hub repos.")
-    parser.add_argument("--force", action="store_true", help="Use embeddings whose metadata names another model_type, base model or text encoder.")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Use embeddings whose metadata names another model_type, base model or text encoder.",
+    )
     # prompts
-    parser.add_argument("--prompt", type=str, action="append", default=None, help='A prompt, e.g. "a photo of a <my-dog>" or "a photo of a <my-dog>:0.8" (weighted concept); repeatable.')
-    parser.add_argument("--prompt_file", type=str, default=None, help="A text file with one prompt per line (blank lines skipped).")
-    parser.add_argument("--negative_prompt", type=str, default=None, help="Guides away from this prompt instead of the unconditional one.")
+    parser.add_argument(
+        "--prompt",
+        type=str,
+        action="append",
+        default=None,
+        help='A prompt, e.g. "a photo of a <my-dog>" or "a photo of a <my-dog>:0.8" (weighted concept); repeatable.',
+    )
+    parser.add_argument(
+        "--prompt_file", type=str, default=None, help="A text file with one prompt per line (blank lines skipped)."
+    )
+    parser.add_argument(
+        "--negative_prompt",
+        type=str,
+        default=None,
+        help="Guides away from this prompt instead of the unconditional one.",
+    )
     # generation
     parser.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
-    parser.add_argument("--seed", type=int, default=None, help="Image i of each prompt uses seed + i (default: a random seed, recorded in settings.json).")
-    parser.add_argument("--batch_size", type=int, default=4, help="Images generated together (does not change the images).")
-    parser.add_argument("--pn", type=str, default="1M", choices=sorted(PN_NUM_SCALES), help="Total pixels: 0.06M (256px), 0.25M (512px), 0.60M or 1M (1024px) for square images.")
-    parser.add_argument("--h_div_w", type=float, default=1.0, help="Aspect ratio height/width; the nearest Infinity template is used.")
-    parser.add_argument("--cfg", "--guidance_scale", dest="cfg", type=float, default=DEFAULT_CFG, help="Classifier-free guidance scale (1 = none).")
-    parser.add_argument("--tau", type=float, default=DEFAULT_TAU, help="Sampling temperature of the bit logits.")
-    parser.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="Per-bit top-k (>= 2 keeps both values, 1 is greedy, 0 off).")
-    parser.add_argument("--top_p", type=float, default=DEFAULT_TOP_P, help="Per-bit top-p (0 off).")
-    parser.add_argument("--cfg_insertion_layer", type=int, default=DEFAULT_CFG_INSERTION_LAYER, help="0: guidance on the logits; -k: on the hidden states after block depth-k.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Image i of each prompt uses seed + i (default: a random seed, recorded in settings.json).",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=4, help="Images generated together (does not change the images)."
+    )
+    parser.add_argument(
+        "--pn",
+        type=str,
+        default="1M",
+        choices=sorted(PN_NUM_SCALES),
+        help="Total pixels: 0.06M (256px), 0.25M (512px), 0.60M or 1M (1024px) for square images.",
+    )
+    parser.add_argument(
+        "--h_div_w", type=float, default=1.0, help="Aspect ratio height/width; the nearest Infinity template is used."
+    )
+    parser.add_argument(
+        "--cfg",
+        "--guidance_scale",
+        dest="cfg",
+        type=float,
+        default=SAMPLING_DEFAULTS.cfg,
+        help="Classifier-free guidance scale (1 = none).",
+    )
+    parser.add_argument(
+        "--tau", type=float, default=SAMPLING_DEFAULTS.tau, help="Sampling temperature of the bit logits."
+    )
+    parser.add_argument(
+        "--top_k",
+        type=int,
+        default=SAMPLING_DEFAULTS.top_k,
+        help="Per-bit top-k (>= 2 keeps both values, 1 is greedy, 0 off).",
+    )
+    parser.add_argument("--top_p", type=float, default=SAMPLING_DEFAULTS.top_p, help="Per-bit top-p (0 off).")
+    parser.add_argument(
+        "--cfg_insertion_layer",
+        type=int,
+        default=SAMPLING_DEFAULTS.cfg_insertion_layer,
+        help="0: guidance on the logits; -k: on the hidden states after block depth-k.",
+    )
     # output
     parser.add_argument("--output_dir", type=str, default="outputs", help="Where images, grids and settings.json go.")
-    parser.add_argument("--compare", action="store_true", help="Also render each prompt with the initializer word in place of the learned token, and write side-by-side grids.")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help=(
+            "Also render each prompt with the initializer word in place of the learned token, and write side-by-side "
+            "grids."
+        ),
+    )
     args = parser.parse_args(argv)
 
     if not args.prompt and not args.prompt_file:
         parser.error("give at least one --prompt or a --prompt_file")
     if args.token and len(args.token) > len(args.learned_embeds):
-        parser.error(f"{len(args.token)} --token for {len(args.learned_embeds)} --learned_embeds; each --token renames the matching file's placeholder")
+        parser.error(
+            f"{len(args.token)} --token for {len(args.learned_embeds)} --learned_embeds; each --token renames the "
+            "matching file's placeholder"
+        )
     for name in ("num_images", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -147,7 +255,7 @@ def read_prompts(args) -> list[str]:
 
 
 def mentions(text: str, placeholder: str) -> bool:
-    return re.search(re.escape(placeholder) + r"(?!_\d)", text) is not None
+    return placeholder_pattern(placeholder).search(text) is not None
 
 
 def parse_token_scales(text: str, placeholders, scales: dict[str, float] | None = None) -> tuple[str, dict[str, float]]:
@@ -159,18 +267,19 @@ def parse_token_scales(text: str, placeholders, scales: dict[str, float] | None 
         def take(match, placeholder=placeholder):
             value = float(match.group(1))
             if scales.get(placeholder, value) != value:
-                raise UsageError(f"{placeholder} has two scales ({scales[placeholder]} and {value}) in {given!r}; give it one")
+                raise UsageError(
+                    f"{placeholder} has two scales ({scales[placeholder]} and {value}) in {given!r}; give it one"
+                )
             scales[placeholder] = value
             return placeholder
 
-        text = re.sub(re.escape(placeholder) + SCALE_SUFFIX, take, text)
+        text = placeholder_pattern(placeholder, SCALE_SUFFIX).sub(take, text)
     return text, scales
 
 
 def replace_with_initializers(text: str, concepts: dict[str, LearnedConcept]) -> str:
     for placeholder, concept in concepts.items():
-        word = concept.metadata["initializer_token"]
-        text = re.sub(re.escape(placeholder) + r"(?!_\d)", lambda _, word=word: word, text)
+        text = replace_placeholder(text, placeholder, concept.metadata["initializer_token"])
     return text
 
 
@@ -192,7 +301,9 @@ class PromptJob:
     record: dict = field(default_factory=dict)
 
 
-def plan_prompts(prompts: list[str], negative_prompt: str | None, concepts: dict[str, LearnedConcept], compare: bool) -> list[PromptJob]:
+def plan_prompts(
+    prompts: list[str], negative_prompt: str | None, concepts: dict[str, LearnedConcept], compare: bool
+) -> list[PromptJob]:
     jobs, slugs = [], set()
     for prompt in prompts:
         text, scales = parse_token_scales(prompt, concepts)
@@ -201,7 +312,10 @@ def plan_prompts(prompts: list[str], negative_prompt: str | None, concepts: dict
             negative, scales = parse_token_scales(negative_prompt, concepts, scales)
         used = [p for p in concepts if mentions(text, p) or (negative and mentions(negative, p))]
         if not mentions_any(text, concepts):
-            logger.warning(f"the prompt {prompt!r} names none of the loaded tokens ({', '.join(concepts)}); it renders as with the base model")
+            logger.warning(
+                f"the prompt {prompt!r} names none of the loaded tokens ({', '.join(concepts)}); it renders as with "
+                "the base model"
+            )
         slug, k = slugify(prompt), 2
         while slug in slugs:
             slug, k = f"{slugify(prompt)}-{k}", k + 1
@@ -210,7 +324,10 @@ def plan_prompts(prompts: list[str], negative_prompt: str | None, concepts: dict
         if compare and used:
             missing = [p for p in used if not isinstance(concepts[p].metadata.get("initializer_token"), str)]
             if missing:
-                logger.warning(f"--compare: {', '.join(f'{p} ({concepts[p].source})' for p in missing)} records no initializer_token; no comparison for {prompt!r}")
+                logger.warning(
+                    f"--compare: {', '.join(f'{p} ({concepts[p].source})' for p in missing)} records no "
+                    f"initializer_token; no comparison for {prompt!r}"
+                )
             else:
                 chosen = {p: concepts[p] for p in used}
                 job.compare_text = replace_with_initializers(text, chosen)
@@ -239,13 +356,20 @@ def mismatches(concept: LearnedConcept, model_type: str, base_model: str, text_e
         problems.append(f"model_type {stored_type} (this run: {model_type})")
     for key, loaded in (("base_model", base_model), ("text_encoder", text_encoder)):
         stored = metadata.get(key)
-        if isinstance(stored, str) and is_hub_repo_id(stored) and is_hub_repo_id(loaded) and stored.lower() != loaded.lower():
+        if (
+            isinstance(stored, str)
+            and is_hub_repo_id(stored)
+            and is_hub_repo_id(loaded)
+            and stored.lower() != loaded.lower()
+        ):
             problems.append(f"{key} {stored} (this run: {loaded})")
     return problems
 
 
 @contextmanager
-def scaled_vectors(text_encoder, concepts: dict[str, LearnedConcept], token_ids: dict[str, list[int]], scales: dict[str, float]):
+def scaled_vectors(
+    text_encoder, concepts: dict[str, LearnedConcept], token_ids: dict[str, list[int]], scales: dict[str, float]
+):
     """A concept weighted by `<tok>:w` inside the block, as loaded after it. Input mode: its rows
     hold w * vectors. Output mode (where a vector's scale means nothing: Infinity RMS-normalises
     each text row): its features are w * vectors + (1 - w) * T5's own output there, which is the
@@ -273,25 +397,22 @@ def scaled_vectors(text_encoder, concepts: dict[str, LearnedConcept], token_ids:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_image(image: Image.Image, path: str) -> None:
-    image.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+def grid_of(images: list[Image.Image], prompt: str, seeds: list[int]) -> Image.Image:
+    """As square as the count allows (4 -> 2x2, 6 -> 2x3, 3 -> 1x3), titled with the prompt."""
+    cols = math.ceil(len(images) / max(1, math.isqrt(len(images))))
+    rows = [images[i : i + cols] for i in range(0, len(images), cols)]
+    return labelled_grid(rows, title=f"{prompt} (seeds {seeds[0]}-{seeds[-1]}, row by row)")
 
 
-def save_json(payload, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def grid_of(images: list[Image.Image]) -> Image.Image:
-    """As square as the count allows: 4 -> 2x2, 6 -> 2x3, 3 -> 1x3."""
-    return make_image_grid(images, rows=max(1, math.isqrt(len(images))))
-
-
-def side_by_side(learned: list[Image.Image], baseline: list[Image.Image]) -> Image.Image:
+def side_by_side(
+    learned: list[Image.Image], baseline: list[Image.Image], job: PromptJob, seeds: list[int]
+) -> Image.Image:
     """One row per seed: the learned token's image, then the initializer word's."""
-    return make_image_grid([im for pair in zip(learned, baseline) for im in pair], rows=len(learned))
+    return labelled_grid(
+        [[a, b] for a, b in zip(learned, baseline)],
+        row_labels=[f"seed {s}" for s in seeds],
+        column_labels=[job.prompt, job.compare_text],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +421,9 @@ def side_by_side(learned: list[Image.Image], baseline: list[Image.Image]) -> Ima
 
 
 def main(args):
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
@@ -321,7 +444,12 @@ def main(args):
     preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
     text_encoder_name = resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
     for concept in loaded:
-        problems = mismatches(concept, effective_model_type(args.pretrained_model_name_or_path, args.model_type), args.pretrained_model_name_or_path, text_encoder_name)
+        problems = mismatches(
+            concept,
+            effective_model_type(args.pretrained_model_name_or_path, args.model_type),
+            args.pretrained_model_name_or_path,
+            text_encoder_name,
+        )
         if problems:
             message = f"{concept.source} ({concept.placeholder}) was trained for {'; '.join(problems)}"
             if not args.force:
@@ -341,7 +469,10 @@ def main(args):
     )
     token_ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, loaded)
     for concept in loaded:
-        logger.info(f"{concept.placeholder}: {len(concept.tokens)} vector(s) from {concept.source} -> token ids {token_ids[concept.placeholder]}")
+        logger.info(
+            f"{concept.placeholder}: {len(concept.tokens)} vector(s) from {concept.source} -> token ids "
+            f"{token_ids[concept.placeholder]}"
+        )
     concept_tokens = {p: c.tokens for p, c in concepts.items()}
 
     # 3. What each prompt renders: scales taken out, learned tokens expanded.
@@ -349,7 +480,7 @@ def main(args):
     template = nearest_template(args.h_div_w)
     schedule = get_schedule(template, args.pn)
     height, width = schedule.image_size(pipe.token_stride)
-    sampling = dict(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p, cfg_insertion_layer=args.cfg_insertion_layer)
+    sampling = {name: getattr(args, name) for name in SamplingSettings.__dataclass_fields__}
     seeds = [args.seed + i for i in range(args.num_images)]
 
     # 4. Generate and save.
@@ -361,12 +492,13 @@ def main(args):
         encoded = expand_placeholders(job.text, concept_tokens)
         negative = expand_placeholders(job.negative, concept_tokens) if job.negative else None
         with scaled_vectors(pipe.text_encoder, concepts, token_ids, job.scales):
-            images = generate_images(pipe, encoded, args.num_images, seed=args.seed, batch_size=args.batch_size, progress=progress.update,
-                                     negative_prompt=negative, schedule=schedule, **sampling)  # fmt: skip
+            images = generate_images(pipe, encoded, args.num_images, seed=args.seed, batch_size=args.batch_size,
+                                     progress=progress.update, negative_prompt=negative, schedule=schedule,
+                                     **sampling)  # fmt: skip
         names = [f"{job.slug}_seed{args.seed}_{i}.png" for i in range(args.num_images)]
         for image, name in zip(images, names):
             save_image(image, os.path.join(args.output_dir, name))
-        save_image(grid_of(images), os.path.join(args.output_dir, f"{job.slug}_grid.png"))
+        save_image(grid_of(images, job.prompt, seeds), os.path.join(args.output_dir, f"{job.slug}_grid.png"))
         written["images"] += len(images)
         written["grids"] += 1
         job.record = {
@@ -380,11 +512,18 @@ def main(args):
             "grid": f"{job.slug}_grid.png",
         }
         if job.compare_text is not None:
-            baseline = generate_images(pipe, job.compare_text, args.num_images, seed=args.seed, batch_size=args.batch_size, progress=progress.update,
+            baseline = generate_images(pipe, job.compare_text, args.num_images, seed=args.seed,
+                                       batch_size=args.batch_size, progress=progress.update,
                                        negative_prompt=job.compare_negative, schedule=schedule, **sampling)  # fmt: skip
-            save_image(side_by_side(images, baseline), os.path.join(args.output_dir, f"{job.slug}_compare.png"))
+            save_image(
+                side_by_side(images, baseline, job, seeds), os.path.join(args.output_dir, f"{job.slug}_compare.png")
+            )
             written["compare"] += 1
-            job.record.update(compare=f"{job.slug}_compare.png", compare_prompt=job.compare_text, compare_negative_prompt=job.compare_negative)
+            job.record.update(
+                compare=f"{job.slug}_compare.png",
+                compare_prompt=job.compare_text,
+                compare_negative_prompt=job.compare_negative,
+            )
     progress.close()
 
     # 5. Every setting, and where the embeddings came from.
@@ -411,9 +550,12 @@ def main(args):
         ],
         "prompts": [job.record for job in jobs],
     }
-    save_json(settings, os.path.join(args.output_dir, SETTINGS_NAME))
+    write_json(os.path.join(args.output_dir, SETTINGS_NAME), settings)
     compare = f", {written['compare']} comparison grid(s)" if args.compare else ""
-    print(f"Saved {written['images']} image(s) of {len(jobs)} prompt(s) at {width}x{height}, {written['grids']} grid(s){compare} and {SETTINGS_NAME} to {os.path.abspath(args.output_dir)}")
+    print(
+        f"Saved {written['images']} image(s) of {len(jobs)} prompt(s) at {width}x{height}, {written['grids']} "
+        f"grid(s){compare} and {SETTINGS_NAME} to {os.path.abspath(args.output_dir)}"
+    )
     return settings
 
 

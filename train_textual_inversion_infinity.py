@@ -30,23 +30,24 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image, ImageOps
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from infinity_t2i.files import unwritable_reason
-from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
+from infinity_t2i.files import atomic_write, save_image, unwritable_reason, write_text
+from infinity_t2i.grids import labelled_grid
+from infinity_t2i.loading import CheckpointError, ModelFilesNotFound, looks_like_a_path
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
     InfinityPipeline,
     effective_model_type,
     generate_images,
-    make_image_grid,
     resolve_preset,
     resolve_text_encoder,
 )
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
+from infinity_t2i.similarity import ConceptSimilarity, check_local_model
 from infinity_t2i.text import TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
@@ -56,13 +57,15 @@ from infinity_t2i.textual_inversion import (
     LearnedConcept,
     LearnedVectors,
     add_placeholder_tokens,
+    check_new_token,
     ensure_embedding_rows,
     expand_placeholders,
     initializer_pieces,
     initializer_vectors,
-    mean_embedding_norm,
     is_hub_repo_id,
+    mean_embedding_norm,
     placeholder_tokens,
+    replace_placeholder,
     save_learned_embeds,
     set_output_rows,
     write_rows,
@@ -88,86 +91,302 @@ BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Textual inversion for Infinity (FoundationVision).")
     # model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub repo id (FoundationVision/Infinity) or a local folder with the same file names.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub repo id (FoundationVision/Infinity) or a local folder with the same file names.",
+    )
     parser.add_argument("--revision", type=str, default=None, help="Revision of the Infinity hub repo.")
-    parser.add_argument("--model_type", type=str, default="infinity_2b", choices=["infinity_2b", "infinity_8b"], help="Which released model (ignored for a local folder with infinity_config.json).")
-    parser.add_argument("--text_encoder_name_or_path", type=str, default=None, help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).")
+    parser.add_argument(
+        "--model_type",
+        type=str,
+        default="infinity_2b",
+        choices=["infinity_2b", "infinity_8b"],
+        help="Which released model (ignored for a local folder with infinity_config.json).",
+    )
+    parser.add_argument(
+        "--text_encoder_name_or_path",
+        type=str,
+        default=None,
+        help="flan-T5 encoder and tokenizer (default: google/flan-t5-xl, or the folder's own text_encoder/).",
+    )
     # concept
-    parser.add_argument("--placeholder_token", type=str, required=True, help="A new token standing for the concept, e.g. <my-dog>.")
-    parser.add_argument("--initializer_token", type=str, required=True, help="A word close to the concept; its embedding starts the learned vectors.")
-    parser.add_argument("--num_vectors", type=int, default=None, help="At least this many vectors (tokens <tok>, <tok>_1, ...), vector i starting at initializer piece i mod k; default 4 in output mode, 1 in input mode (the measured best).")
-    parser.add_argument("--ti_mode", type=str, default="output", choices=TI_MODES, help="output: learn T5's output feature at the token (T5 runs once, not per step); input: learn the token's T5 input embedding.")
-    parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Caption templates for an object or a style.")
+    parser.add_argument(
+        "--placeholder_token", type=str, required=True, help="A new token standing for the concept, e.g. <my-dog>."
+    )
+    parser.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="A word close to the concept; its embedding starts the learned vectors.",
+    )
+    parser.add_argument(
+        "--num_vectors",
+        type=int,
+        default=None,
+        help=(
+            "At least this many vectors (tokens <tok>, <tok>_1, ...), vector i starting at initializer piece i mod k; "
+            "default 4 in output mode, 1 in input mode (the measured best)."
+        ),
+    )
+    parser.add_argument(
+        "--ti_mode",
+        type=str,
+        default="output",
+        choices=TI_MODES,
+        help=(
+            "output: learn T5's output feature at the token (T5 runs once, not per step); input: learn the token's T5 "
+            "input embedding."
+        ),
+    )
+    parser.add_argument(
+        "--learnable_property",
+        type=str,
+        default="object",
+        choices=["object", "style"],
+        help="Caption templates for an object or a style.",
+    )
     # data
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder of images (jpg/png/webp), optionally with metadata.jsonl or .txt captions.")
-    parser.add_argument("--dataset_name", type=str, default=None, help="A datasets name or local folder, instead of --train_data_dir.")
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Folder of images (jpg/png/webp), optionally with metadata.jsonl or .txt captions.",
+    )
+    parser.add_argument(
+        "--dataset_name", type=str, default=None, help="A datasets name or local folder, instead of --train_data_dir."
+    )
     parser.add_argument("--image_column", type=str, default="image", help="Image column of --dataset_name.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Caption column (of --dataset_name or metadata.jsonl); captions must contain the placeholder.")
-    parser.add_argument("--repeats", type=int, default=100, help="How many times to repeat the training images per epoch.")
-    parser.add_argument("--pn", type=str, default="0.25M", choices=sorted(PN_NUM_SCALES), help="Training resolution: 0.06M (256px), 0.25M (512px) or 1M (1024px) for square images.")
-    parser.add_argument("--aspect_ratio", type=str, default="square", choices=["square", "nearest"], help="square: every image at 1:1; nearest: each image at its nearest Infinity aspect-ratio template.")
-    parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Crop to the template's aspect ratio before resizing (the official preprocessing); --no-center_crop stretches instead.")
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="Caption column (of --dataset_name or metadata.jsonl); captions must contain the placeholder.",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=100, help="How many times to repeat the training images per epoch."
+    )
+    parser.add_argument(
+        "--pn",
+        type=str,
+        default="0.25M",
+        choices=sorted(PN_NUM_SCALES),
+        help="Training resolution: 0.06M (256px), 0.25M (512px) or 1M (1024px) for square images.",
+    )
+    parser.add_argument(
+        "--aspect_ratio",
+        type=str,
+        default="square",
+        choices=["square", "nearest"],
+        help="square: every image at 1:1; nearest: each image at its nearest Infinity aspect-ratio template.",
+    )
+    parser.add_argument(
+        "--center_crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Crop to the template's aspect ratio before resizing (the official preprocessing); --no-center_crop "
+            "stretches instead."
+        ),
+    )
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
-    parser.add_argument("--cache_latents", action=argparse.BooleanOptionalAction, default=True, help="Encode each image (and flip) with the VAE once instead of every step.")
+    parser.add_argument(
+        "--cache_latents",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Encode each image (and flip) with the VAE once instead of every step.",
+    )
     # optimisation
-    parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embedding, checkpoints and logs go.")
+    parser.add_argument(
+        "--output_dir", type=str, default="text-inversion-model", help="Where the embedding, checkpoints and logs go."
+    )
     parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     parser.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
     parser.add_argument("--num_train_epochs", type=int, default=100)
-    parser.add_argument("--max_train_steps", type=int, default=2000, help="Total optimisation steps; overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimisation step.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute Infinity block activations in the backward pass to save memory.")
-    parser.add_argument("--learning_rate", type=float, default=2e-2, help="Learning rate (after warmup); with --hold_norm about the angle in radians a vector turns per step.")
-    parser.add_argument("--hold_norm", action=argparse.BooleanOptionalAction, default=True, help="Keep each vector's starting norm and train only its direction (no norm inflation; one learning rate fits every model); --no-hold_norm trains the vectors freely.")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by processes x accumulation steps x batch size.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    parser.add_argument(
+        "--max_train_steps", type=int, default=2000, help="Total optimisation steps; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimisation step."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute Infinity block activations in the backward pass to save memory.",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=2e-2,
+        help="Learning rate (after warmup); with --hold_norm about the angle in radians a vector turns per step.",
+    )
+    parser.add_argument(
+        "--hold_norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Keep each vector's starting norm and train only its direction (no norm inflation; one learning rate fits "
+            "every model); --no-hold_norm trains the vectors freely."
+        ),
+    )
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by processes x accumulation steps x batch size.",
+    )
+    parser.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Warmup steps of the learning-rate schedule.")
     parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     parser.add_argument("--adam_beta1", type=float, default=0.9)
     parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay of the learned vectors.")
+    parser.add_argument(
+        "--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay of the learned vectors."
+    )
     parser.add_argument("--adam_epsilon", type=float, default=1e-08)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--self_correction_strength", type=float, default=0.0, help="Bitwise self-correction: flip up to this fraction of input bits per scale (the released recipe used 0.3); 0 = plain teacher forcing.")
-    parser.add_argument("--self_correction_scales", type=int, default=13, help="Flip bits on this many coarsest scales.")
-    parser.add_argument("--train_scales", type=int, default=None, help="Train on the first K scales only (coarse scales carry a concept's identity; K=10 at 1M costs what 0.25M does). Default: all.")
-    parser.add_argument("--reweight_loss_by_scale", action=argparse.BooleanOptionalAction, default=True, help="Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all tokens equally.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="bf16 runs the frozen Infinity blocks in bfloat16, as officially (default: accelerate config).")
-    parser.add_argument("--text_encoder_dtype", type=str, default=None, choices=sorted(TEXT_ENCODER_DTYPES), help="flan-T5's weights; default float16 on a GPU (FFN outputs kept in float32, as the official code runs it), float32 on the CPU.")
+    parser.add_argument(
+        "--self_correction_strength",
+        type=float,
+        default=0.0,
+        help=(
+            "Bitwise self-correction: flip up to this fraction of input bits per scale (the released recipe used "
+            "0.3); 0 = plain teacher forcing."
+        ),
+    )
+    parser.add_argument(
+        "--self_correction_scales", type=int, default=13, help="Flip bits on this many coarsest scales."
+    )
+    parser.add_argument(
+        "--train_scales",
+        type=int,
+        default=None,
+        help=(
+            "Train on the first K scales only (coarse scales carry a concept's identity; K=10 at 1M costs what 0.25M "
+            "does). Default: all."
+        ),
+    )
+    parser.add_argument(
+        "--reweight_loss_by_scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all "
+            "tokens equally."
+        ),
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="bf16 runs the frozen Infinity blocks in bfloat16, as officially (default: accelerate config).",
+    )
+    parser.add_argument(
+        "--text_encoder_dtype",
+        type=str,
+        default=None,
+        choices=sorted(TEXT_ENCODER_DTYPES),
+        help=(
+            "flan-T5's weights; default float16 on a GPU (FFN outputs kept in float32, as the official code runs it), "
+            "float32 on the CPU."
+        ),
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     # logging, validation, saving
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, under --output_dir.")
-    parser.add_argument("--report_to", type=str, default="tensorboard", choices=["tensorboard", "wandb", "mlflow", "comet_ml", "all", "none"], help="Where to log; none turns tracking off.")
-    parser.add_argument("--validation_prompt", type=str, action="append", default=None, help="A prompt with the placeholder to render during training; repeatable.")
+    parser.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        choices=["tensorboard", "wandb", "mlflow", "comet_ml", "all", "none"],
+        help="Where to log; none turns tracking off.",
+    )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        action="append",
+        default=None,
+        help="A prompt with the placeholder to render during training; repeatable.",
+    )
     parser.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
-    parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompts every X steps (and at step 0).")
-    parser.add_argument("--save_steps", type=int, default=500, help="Save learned_embeds-steps-X.safetensors every X steps.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable training state every X steps.")
+    parser.add_argument(
+        "--validation_similarity_model",
+        type=str,
+        default=None,
+        help="A CLIP or DINOv2 model (local folder or hub id, e.g. openai/clip-vit-base-patch32): at each "
+        "validation, log the mean similarity of the images to the training images and (CLIP) to their prompt.",
+    )
+    parser.add_argument(
+        "--validation_steps", type=int, default=100, help="Render the validation prompts every X steps (and at step 0)."
+    )
+    parser.add_argument(
+        "--save_steps", type=int, default=500, help="Save learned_embeds-steps-X.safetensors every X steps."
+    )
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save a resumable training state every X steps."
+    )
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest".')
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the embedding, concept files, card and grid to the hub.")
+    parser.add_argument(
+        "--push_to_hub", action="store_true", help="Upload the embedding, concept files, card and grid to the hub."
+    )
     parser.add_argument("--hub_token", type=str, default=None, help="Token for --push_to_hub.")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Repo to push to (default: the output folder's name).")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repo to push to (default: the output folder's name)."
+    )
     args = parser.parse_args(argv)
 
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
     if args.mixed_precision == "fp16":
-        parser.error("--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is --text_encoder_dtype); use bf16 or no")
+        parser.error(
+            "--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is "
+            "--text_encoder_dtype); use bf16 or no"
+        )
     if args.train_scales is not None and args.train_scales < 2:
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
     if args.num_vectors is None:
         args.num_vectors = DEFAULT_NUM_VECTORS[args.ti_mode]
-    for name in ("num_vectors", "repeats", "train_batch_size", "gradient_accumulation_steps", "validation_steps", "save_steps", "checkpointing_steps", "num_validation_images"):
+    for name in (
+        "num_vectors",
+        "repeats",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "validation_steps",
+        "save_steps",
+        "checkpointing_steps",
+        "num_validation_images",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
-    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
-        parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces, e.g. <my-dog>")
+    if args.validation_similarity_model and not args.validation_prompt:
+        parser.error("--validation_similarity_model scores the validation images; give a --validation_prompt too")
+    model = args.validation_similarity_model
+    if model and looks_like_a_path(model) and not os.path.isdir(model):
+        parser.error(f"--validation_similarity_model {model} does not exist; pass a CLIP or DINOv2 folder or hub id")
+    if model and os.path.isdir(model):
+        try:
+            check_local_model(model)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        check_new_token(args.placeholder_token)  # the vocabulary is checked once the tokenizer is loaded
+    except ConceptError as e:
+        parser.error(f"--placeholder_token: {e}")
     if args.placeholder_token.isalnum():  # an added token also matches inside words: "irc" would split "circle"
-        parser.error(f"--placeholder_token {args.placeholder_token!r} is a bare word that would match inside other words; mark it, e.g. <{args.placeholder_token}>")
+        parser.error(
+            f"--placeholder_token {args.placeholder_token!r} is a bare word that would match inside other words; mark "
+            f"it, e.g. <{args.placeholder_token}>"
+        )
     return args
 
 
@@ -234,12 +453,17 @@ def read_captions(folder: str, caption_column: str) -> dict[str, str]:
                     row = json.loads(line)
                     captions[row["file_name"]] = row[caption_column]
                 except (json.JSONDecodeError, KeyError) as e:
-                    raise UsageError(f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})") from e
+                    raise UsageError(
+                        f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})"
+                    ) from e
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".txt" and stem:
             for image_name in os.listdir(folder):
-                if os.path.splitext(image_name)[0] == stem and os.path.splitext(image_name)[1].lower() in IMAGE_EXTENSIONS:
+                if (
+                    os.path.splitext(image_name)[0] == stem
+                    and os.path.splitext(image_name)[1].lower() in IMAGE_EXTENSIONS
+                ):
                     captions.setdefault(image_name, read_text(os.path.join(folder, name)).strip())
     return captions
 
@@ -263,24 +487,44 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
         except Exception as e:
             raise UsageError(f"could not load dataset {args.dataset_name!r}: {e}") from e
         if args.image_column not in dataset.column_names:
-            raise UsageError(f"dataset has no column {args.image_column!r} (columns: {dataset.column_names}); set --image_column")
+            raise UsageError(
+                f"dataset has no column {args.image_column!r} (columns: {dataset.column_names}); set --image_column"
+            )
         has_captions = args.caption_column in dataset.column_names
-        return [(f"{args.dataset_name}[{i}]", to_rgb(row[args.image_column]), row[args.caption_column] if has_captions else None) for i, row in enumerate(dataset)]
+        return [
+            (
+                f"{args.dataset_name}[{i}]",
+                to_rgb(row[args.image_column]),
+                row[args.caption_column] if has_captions else None,
+            )
+            for i, row in enumerate(dataset)
+        ]
 
     folder = args.train_data_dir
     if not os.path.isdir(folder):
         raise UsageError(f"--train_data_dir {folder} is not a folder; point it at a folder of images")
     names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
     if not names:
-        raise UsageError(f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-20 photos of the concept")
-    subfolders = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)) and not n.startswith("."))
+        raise UsageError(
+            f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-20 photos of "
+            "the concept"
+        )
+    subfolders = sorted(
+        n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)) and not n.startswith(".")
+    )
     if subfolders:
         # the data is read before accelerate starts, so the plain logger
-        logging.getLogger(__name__).warning(f"--train_data_dir {folder}: subfolders are not read ({', '.join(subfolders)}); put every image in the folder itself")
+        logging.getLogger(__name__).warning(
+            f"--train_data_dir {folder}: subfolders are not read ({', '.join(subfolders)}); put every image in the "
+            "folder itself"
+        )
     captions = read_captions(folder, args.caption_column)
     unknown = sorted(set(captions) - set(names))
     if unknown:
-        raise UsageError(f"{os.path.join(folder, 'metadata.jsonl')} names {', '.join(unknown)}, not an image in {folder}; fix the file_name or add the image")
+        raise UsageError(
+            f"{os.path.join(folder, 'metadata.jsonl')} names {', '.join(unknown)}, not an image in {folder}; fix the "
+            "file_name or add the image"
+        )
     examples = []
     for name in names:
         try:
@@ -300,7 +544,10 @@ def prepare_examples(args, raw, token_stride: int) -> tuple[list[Example], list[
         schedule = get_schedule(template, args.pn)
         height, width = schedule.image_size(token_stride)
         if image.width < width or image.height < height:
-            logger.warning(f"{name} is {image.width}x{image.height}, smaller than the training size {width}x{height}; it is upscaled")
+            logger.warning(
+                f"{name} is {image.width}x{image.height}, smaller than the training size {width}x{height}; it is "
+                "upscaled"
+            )
         examples.append(Example(name, resize_to(image, (height, width), args.center_crop), caption))
         schedules.append(schedule)
     return examples, schedules
@@ -332,7 +579,15 @@ class SameShapeBatchSampler(torch.utils.data.Sampler):
     the list is padded to a multiple of n with its first batches, so every process runs the same
     number of steps and no batch mixes shapes): accelerate's sharding assumes fixed-size batches."""
 
-    def __init__(self, dataset: RepeatedIndices, schedule_keys: list, batch_size: int, seed: int, num_processes: int = 1, process_index: int = 0):
+    def __init__(
+        self,
+        dataset: RepeatedIndices,
+        schedule_keys: list,
+        batch_size: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
         self.dataset, self.keys, self.batch_size, self.seed, self.epoch = dataset, schedule_keys, batch_size, seed, 0
         self.num_processes, self.process_index = num_processes, process_index
 
@@ -383,7 +638,9 @@ class CaptionFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
-def concept_of(args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_input: torch.Tensor | None, step: int) -> LearnedConcept:
+def concept_of(
+    args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_input: torch.Tensor | None, step: int
+) -> LearnedConcept:
     metadata = {
         "initializer_token": args.initializer_token,
         "num_vectors": len(tokens),
@@ -391,8 +648,17 @@ def concept_of(args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_i
         "learnable_property": args.learnable_property,
         "base_model": args.pretrained_model_name_or_path,
         "model_type": effective_model_type(args.pretrained_model_name_or_path, args.model_type),
-        "text_encoder": resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, resolve_preset(args.pretrained_model_name_or_path, args.model_type)),
-        "tokenizer": {"class": type(tokenizer).__name__, "legacy": True, "model_max_length": tokenizer.model_max_length, "added_token": "lstrip=False rstrip=False normalized=False special=False"},
+        "text_encoder": resolve_text_encoder(
+            args.pretrained_model_name_or_path,
+            args.text_encoder_name_or_path,
+            resolve_preset(args.pretrained_model_name_or_path, args.model_type),
+        ),
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "legacy": True,
+            "model_max_length": tokenizer.model_max_length,
+            "added_token": "lstrip=False rstrip=False normalized=False special=False",
+        },
         "pn": args.pn,
         "step": step,
     }
@@ -400,18 +666,7 @@ def concept_of(args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_i
     return LearnedConcept(args.placeholder_token, tokens, vectors, metadata, mode=args.ti_mode, t5_input=t5_input)
 
 
-def write_text(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def save_image(image: Image.Image, path: str) -> None:
-    image.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
-
-
-def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor) -> None:
+def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor, scores: dict) -> None:
     base, on_hub = args.pretrained_model_name_or_path, is_hub_repo_id(args.pretrained_model_name_or_path)
     card_data = ModelCardData(
         license="mit",
@@ -420,11 +675,21 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
         instance_prompt=args.placeholder_token,
     )
     model_type = effective_model_type(base, args.model_type)
-    base_link = f"[{base}](https://huggingface.co/{base})" if on_hub else f"the local model `{os.path.basename(os.path.normpath(base))}`"
+    base_link = (
+        f"[{base}](https://huggingface.co/{base})"
+        if on_hub
+        else f"the local model `{os.path.basename(os.path.normpath(base))}`"
+    )
     type_flag = "" if model_type == "custom" else f" --model_type {model_type}"
     placeholder = args.placeholder_token
     where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
     grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
+    if scores:  # mean cosine similarities, --validation_similarity_model
+        prompt_score = f", to their prompt {scores['prompt_to_image']:.3f}" if "prompt_to_image" in scores else ""
+        grid += (
+            f"\nConcept scores at step {scores['step']} ({args.validation_similarity_model}): validation images "
+            f"to the training images {scores['image_to_training']:.3f}{prompt_score}.\n"
+        )
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -449,13 +714,16 @@ trigger token and the kind of concept. Made with infinity-textual-inversion's
 `train_textual_inversion_infinity.py`; `infer_textual_inversion.py` comes with it.
 """
     path = os.path.join(args.output_dir, "README.md")
-    ModelCard(content).save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with atomic_write(path) as tmp:
+        ModelCard(content).save(tmp)
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> None:
     """Removes the oldest checkpoints so that `keep` remain."""
-    checkpoints = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()), key=lambda d: int(d.split("-")[1]))
+    checkpoints = sorted(
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
+        key=lambda d: int(d.split("-")[1]),
+    )
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         logger.info(f"removing checkpoint {old} (--checkpoints_total_limit {keep})")
         shutil.rmtree(os.path.join(output_dir, old))
@@ -471,13 +739,22 @@ def resolve_resume(args) -> str | None:
     for path in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
         if os.path.isdir(path):
             return path
-    raise UsageError(f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder (in --output_dir or a path) or 'latest'")
+    raise UsageError(
+        f"checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-N folder (in --output_dir or a "
+        "path) or 'latest'"
+    )
 
 
 def check_checkpoint(path: str, num_processes: int) -> None:
     """Refuses, in one line and before any model loads, a checkpoint that cannot resume exactly:
     a missing, empty or truncated file (accelerate would skip broken random states silently)."""
-    names = ["model.safetensors", "optimizer.bin", "scheduler.bin", STEP_RNG_NAME, *(f"random_states_{i}.pkl" for i in range(num_processes))]
+    names = [
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        STEP_RNG_NAME,
+        *(f"random_states_{i}.pkl" for i in range(num_processes)),
+    ]
     for name in names:
         file = os.path.join(path, name)
         if not os.path.isfile(file) or os.path.getsize(file) == 0:
@@ -486,12 +763,14 @@ def check_checkpoint(path: str, num_processes: int) -> None:
             try:
                 load_file(file)
                 intact = True
-            except Exception:  # safetensors raises several kinds for a damaged file
+            except (SafetensorError, OSError):  # a damaged or unreadable file
                 intact = False
         else:
             intact = zipfile.is_zipfile(file)  # torch.save's archive: a truncated one has no central directory
         if not intact:
-            raise UsageError(f"checkpoint {path}: {name} is truncated or damaged; resume from another checkpoint or start a new run")
+            raise UsageError(
+                f"checkpoint {path}: {name} is truncated or damaged; resume from another checkpoint or start a new run"
+            )
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -518,9 +797,13 @@ def main(args):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
     logger.info(accelerator.state, main_process_only=False)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # e.g. --multi_gpu on a CPU machine: N separate runs into one folder
@@ -531,7 +814,10 @@ def main(args):
     if not accelerator.is_local_main_process:
         transformers.utils.logging.set_verbosity_error()
     if accelerator.mixed_precision == "fp16":  # from the accelerate config file, past parse_args' check
-        raise UsageError("mixed precision fp16 (from your accelerate config) is refused: Infinity's blocks run in bfloat16; pass --mixed_precision bf16 or no")
+        raise UsageError(
+            "mixed precision fp16 (from your accelerate config) is refused: Infinity's blocks run in bfloat16; pass "
+            "--mixed_precision bf16 or no"
+        )
     resume_path = resolve_resume(args)
     if resume_path is not None:
         check_checkpoint(resume_path, accelerator.num_processes)
@@ -565,7 +851,10 @@ def main(args):
     pieces = initializer_pieces(tokenizer, args.initializer_token)
     start = initializer_vectors(embedding.weight[pieces], args.num_vectors)
     tokens = placeholder_tokens(args.placeholder_token, start.shape[0])
-    logger.info(f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) {tokens}")
+    logger.info(
+        f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) "
+        f"{tokens}"
+    )
     token_ids = add_placeholder_tokens(tokenizer, tokens)
     ensure_embedding_rows(text_encoder, len(tokenizer))
     embedding = text_encoder.get_input_embeddings()
@@ -577,7 +866,9 @@ def main(args):
         # T5 reads the initializer's pieces at the tokens (so the prompt around them encodes as with
         # the word), and the vectors start at T5's output there in the first caption template
         write_rows(text_encoder, token_ids, start)
-        first_caption = expand_placeholders(TEMPLATES[args.learnable_property][0].format(args.placeholder_token), concept_tokens)
+        first_caption = expand_placeholders(
+            TEMPLATES[args.learnable_property][0].format(args.placeholder_token), concept_tokens
+        )
         ids, features = CaptionFeatures(tokenizer, text_encoder, [first_caption]).rows[first_caption]
         start = torch.stack([features[int((ids == i).nonzero()[0, 0])] for i in token_ids]).cpu()
     learned = LearnedVectors(token_ids, start, hold_norm=args.hold_norm).to(accelerator.device)
@@ -591,7 +882,9 @@ def main(args):
     # 6. Data: images at their templates' sizes; VAE features computed once per image and flip.
     examples, schedules = prepare_examples(args, raw_examples, pipe.token_stride)
     patchify = transformer.config.spatial_patchify
-    pixels = [[to_tensor(e.image)] + ([to_tensor(ImageOps.mirror(e.image))] if args.random_flip else []) for e in examples]
+    pixels = [
+        [to_tensor(e.image)] + ([to_tensor(ImageOps.mirror(e.image))] if args.random_flip else []) for e in examples
+    ]
     cached_features = None
     if args.cache_latents:
         with torch.no_grad():
@@ -602,20 +895,41 @@ def main(args):
     caption_features = None
     if args.ti_mode == "output":
         templates = TEMPLATES[args.learnable_property]
-        captions = {e.caption for e in examples if e.caption is not None} | {t.format(args.placeholder_token) for t in templates}
-        caption_features = CaptionFeatures(tokenizer, text_encoder, sorted(expand_placeholders(c, concept_tokens) for c in captions))
+        captions = {e.caption for e in examples if e.caption is not None} | {
+            t.format(args.placeholder_token) for t in templates
+        }
+        caption_features = CaptionFeatures(
+            tokenizer, text_encoder, sorted(expand_placeholders(c, concept_tokens) for c in captions)
+        )
         if accelerator.device.type == "cuda":  # T5 is not needed until validation, which encodes on the CPU
             text_encoder.to("cpu")
             torch.cuda.empty_cache()
-            logger.info(f"flan-T5 moved to the CPU after encoding {len(captions)} captions ({sum(p.numel() * p.element_size() for p in text_encoder.parameters()) / 2**30:.2f} GiB of GPU memory freed)")
+            t5_bytes = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
+            logger.info(
+                f"flan-T5 moved to the CPU after encoding {len(captions)} captions "
+                f"({t5_bytes / 2**30:.2f} GiB of GPU memory freed)"
+            )
     dataset = RepeatedIndices(len(examples), args.repeats)
-    batch_sampler = SameShapeBatchSampler(dataset, [s.grids for s in schedules], args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    batch_sampler = SameShapeBatchSampler(
+        dataset,
+        [s.grids for s in schedules],
+        args.train_batch_size,
+        args.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
     train_dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
 
     # 7. Optimizer and schedule.
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(learned.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        learned.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # this process's share
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -624,7 +938,9 @@ def main(args):
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
-        scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles} if args.lr_scheduler == "cosine_with_restarts" else None,
+        scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles}
+        if args.lr_scheduler == "cosine_with_restarts"
+        else None,
     )
     learned, optimizer, lr_scheduler = accelerator.prepare(learned, optimizer, lr_scheduler)  # the loader shards itself
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -637,9 +953,15 @@ def main(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
-            repo_id = create_repo(repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
+            repo_id = create_repo(
+                repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
         # never the token: trackers write their config to disk and to their servers
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        tracker_config = {
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+        }
         accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
 
     # 9. Resume.
@@ -651,7 +973,10 @@ def main(args):
         saved = {k: tuple(v.shape) for k, v in load_file(os.path.join(resume_path, "model.safetensors")).items()}
         expected = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(learned).state_dict().items()}
         if saved != expected:
-            raise UsageError(f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another --num_vectors, --ti_mode or --hold_norm")
+            raise UsageError(
+                f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another "
+                "--num_vectors, --ti_mode or --hold_norm"
+            )
         accelerator.load_state(resume_path)
         step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
         global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
@@ -660,16 +985,30 @@ def main(args):
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running textual inversion *****")
-    logger.info(f"  Images = {len(examples)} (x{args.repeats} repeats), tokens = {tokens}, initializer = {args.initializer_token!r}")
-    logger.info(f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}")
+    logger.info(
+        f"  Images = {len(examples)} (x{args.repeats} repeats), tokens = {tokens}, initializer = "
+        f"{args.initializer_token!r}"
+    )
+    logger.info(
+        f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}"
+    )
 
     def save_embedding(path: str, step: int) -> None:
-        save_learned_embeds(path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, t5_input, step))
+        save_learned_embeds(
+            path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, t5_input, step)
+        )
 
-    last_grid = None
+    similarity = None
+    if args.validation_similarity_model and accelerator.is_main_process:
+        try:
+            similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
+        except (OSError, ValueError) as e:  # a hub id that is missing or of another kind
+            raise UsageError(str(e)) from e
+        similarity.set_reference([e.image for e in examples])
+    last_grid, last_scores = None, {}
 
     def run_validation(step: int) -> None:
-        nonlocal last_grid
+        nonlocal last_grid, last_scores
         if not args.validation_prompt or not accelerator.is_main_process:
             return
         vectors = accelerator.unwrap_model(learned).vectors  # put in place as inference will
@@ -680,9 +1019,26 @@ def main(args):
         was_training = text_encoder.training
         text_encoder.eval()
         prompts = [expand_placeholders(p, concept_tokens) for p in args.validation_prompt]
-        images = [generate_images(pipe, p, args.num_validation_images, seed=args.seed, schedule=get_schedule(1.0, args.pn)) for p in prompts]
+        images = [
+            generate_images(pipe, p, args.num_validation_images, seed=args.seed, schedule=get_schedule(1.0, args.pn))
+            for p in prompts
+        ]
         text_encoder.train(was_training)
-        grid = make_image_grid([im for row in images for im in row], rows=len(prompts))
+        if similarity is not None:  # the prompts in words (the initializer for the token) for CLIP's text side
+            words = [
+                replace_placeholder(p, args.placeholder_token, args.initializer_token) for p in args.validation_prompt
+            ]
+            scores = similarity.scores(
+                [im for row in images for im in row], [w for w in words for _ in range(len(images[0]))]
+            )
+            last_scores = {"step": step, **scores}
+            accelerator.log({f"similarity/{k}": v for k, v in scores.items()}, step=step)
+        grid = labelled_grid(
+            images,
+            row_labels=args.validation_prompt,
+            column_labels=[f"seed {args.seed + i}" for i in range(args.num_validation_images)],
+            title=f"{args.placeholder_token}, step {step}",
+        )
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         last_grid = os.path.join("validation", f"step-{step:06d}.png")
         save_image(grid, os.path.join(args.output_dir, last_grid))
@@ -705,23 +1061,43 @@ def main(args):
         return learned(input_ids, embedding(input_ids)).to(embedding.weight.dtype)
 
     # 10. The loop.
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
     for epoch in range(first_epoch, args.num_train_epochs):
         batch_sampler.use_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if epoch == first_epoch and skip_batches else train_dataloader
+        batches = (
+            accelerator.skip_first_batches(train_dataloader, skip_batches)
+            if epoch == first_epoch and skip_batches
+            else train_dataloader
+        )
         for indices in batches:
             if global_step >= args.max_train_steps:  # a resumed run that had already finished
                 break
             with accelerator.accumulate(learned):
                 indices = indices.tolist()
                 schedule = schedules[indices[0]]
-                flips = torch.randint(0, 2, (len(indices),), generator=step_rng).tolist() if args.random_flip else [0] * len(indices)
+                flips = (
+                    torch.randint(0, 2, (len(indices),), generator=step_rng).tolist()
+                    if args.random_flip
+                    else [0] * len(indices)
+                )
                 with torch.no_grad():
                     if cached_features is not None:
                         features = torch.stack([cached_features[i][f] for i, f in zip(indices, flips)])
                     else:
-                        features = vae.encode(torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device))
-                    inputs = make_training_inputs(features, schedule, patchify, args.self_correction_strength, args.self_correction_scales, step_rng, args.train_scales)
+                        features = vae.encode(
+                            torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device)
+                        )
+                    inputs = make_training_inputs(
+                        features,
+                        schedule,
+                        patchify,
+                        args.self_correction_strength,
+                        args.self_correction_scales,
+                        step_rng,
+                        args.train_scales,
+                    )
                     schedule = schedule.prefix(args.train_scales or len(schedule))
                 captions = []
                 for i in indices:
@@ -729,7 +1105,11 @@ def main(args):
                         captions.append(examples[i].caption)
                     else:
                         templates = TEMPLATES[args.learnable_property]
-                        captions.append(templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(args.placeholder_token))
+                        captions.append(
+                            templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(
+                                args.placeholder_token
+                            )
+                        )
                 captions = [expand_placeholders(c, concept_tokens) for c in captions]
                 if caption_features is None:
                     text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=embed_with_learned)
@@ -744,7 +1124,10 @@ def main(args):
                     if accelerator.is_main_process:  # the vectors that last gave a finite loss
                         accelerator.unwrap_model(learned).weight.data.copy_(last_good)
                         save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), last_good_step)
-                    raise UsageError(f"the loss became non-finite at step {global_step}; the last good embedding is in {args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)")
+                    raise UsageError(
+                        f"the loss became non-finite at step {global_step}; the last good embedding is in "
+                        f"{args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)"
+                    )
                 last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
                 last_good_step = global_step
                 accelerator.backward(loss)
@@ -760,16 +1143,24 @@ def main(args):
             global_step += 1
             progress_bar.update(1)
             vector_norm = accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item()
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "vector_norm": vector_norm, "vocab_mean_norm": vocab_norm}
+            logs = {
+                "loss": loss.detach().item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "vector_norm": vector_norm,
+                "vocab_mean_norm": vocab_norm,
+            }
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process:
-                if global_step % args.save_steps == 0:
-                    save_embedding(os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step)
+            if accelerator.is_main_process and global_step % args.save_steps == 0:
+                save_embedding(
+                    os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step
+                )
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, global_step, step_rng, args.seed)
                 if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                    prune_checkpoints(args.output_dir, args.checkpoints_total_limit)  # only once the new one is complete
+                    prune_checkpoints(
+                        args.output_dir, args.checkpoints_total_limit
+                    )  # only once the new one is complete
             if global_step % args.validation_steps == 0:
                 run_validation(global_step)
             if global_step >= args.max_train_steps:
@@ -783,13 +1174,20 @@ def main(args):
         save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
         write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
         write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
-        save_model_card(args, repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), last_grid, accelerator.unwrap_model(learned).vectors)
+        save_model_card(
+            args,
+            repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            last_grid,
+            accelerator.unwrap_model(learned).vectors,
+            last_scores,
+        )
         if args.push_to_hub:
             upload_folder(
                 repo_id=repo_id,
                 folder_path=args.output_dir,
                 commit_message=f"Textual inversion {args.placeholder_token}, step {global_step}",
-                allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"] + ([last_grid] if last_grid else []),
+                allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"]
+                + ([last_grid] if last_grid else []),
                 token=args.hub_token,
             )
     accelerator.end_training()
@@ -804,7 +1202,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_r
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
-        save_file({f"process_{i}": s for i, s in enumerate(states)}, os.path.join(tmp, STEP_RNG_NAME), metadata={"seed": str(seed)})
+        save_file(
+            {f"process_{i}": s for i, s in enumerate(states)},
+            os.path.join(tmp, STEP_RNG_NAME),
+            metadata={"seed": str(seed)},
+        )
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -7,7 +7,7 @@ prompt, so no text encoder or checkpoint is needed).
     python benchmarks/bench_sampling.py              # on a busy shared CPU add --threads 1
 
 Rows:
-- the tests' tiny model (tests/helpers.py: 4 blocks of width 64, a 32-channel VAE) on CPU in
+- the tests' tiny model (toy_infinity/tiny.py: 4 blocks of width 64, a 32-channel VAE) on CPU in
   float32 at every --pn (default 0.06M, 0.25M, 1M);
 - when CUDA is available, the full infinity_2b architecture (MODEL_PRESETS, random weights built
   on the GPU, blocks in bfloat16 as in the official inference) at 1M, beside the official claim
@@ -27,37 +27,39 @@ tiny 0.06M 0.60 s, 0.25M 2.7 s, 1M 11.4 s per image. With 2 threads the same mac
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from infinity_t2i.config import MODEL_PRESETS, InfinityConfig, VAEConfig  # noqa: E402
-from infinity_t2i.multiscale import (  # noqa: E402
+from infinity_t2i.config import MODEL_PRESETS, InfinityConfig, VAEConfig
+from infinity_t2i.multiscale import (
     bits_to_codes,
     latents_to_tokens,
     next_scale_input,
     tokens_to_bits,
     upsample_codes,
 )
-from infinity_t2i.pipeline import to_uint8  # noqa: E402
-from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule  # noqa: E402
-from infinity_t2i.sampling import DEFAULT_TOP_K, DEFAULT_TOP_P, sample, sample_bits_from_logits  # noqa: E402
-from infinity_t2i.text import TextCondition  # noqa: E402
-from infinity_t2i.transformer import InfinityTransformer  # noqa: E402
-from infinity_t2i.vae import BSQVAE  # noqa: E402
+from infinity_t2i.pipeline import to_uint8
+from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule
+from infinity_t2i.sampling import SamplingSettings, sample, sample_bits_from_logits
+from infinity_t2i.text import TextCondition
+from infinity_t2i.transformer import InfinityTransformer
+from infinity_t2i.vae import BSQVAE
 
 OFFICIAL_SECONDS_1M = 0.8  # Infinity-2B, one 1024x1024 image (paper and README)
 PROMPT_TOKENS = 32  # T5 rows of the stand-in prompt
+DEFAULTS = SamplingSettings()
 
 
-def build(transformer_config: InfinityConfig, vae_config: VAEConfig, device: torch.device, block_dtype: torch.dtype, seed: int = 0):
+def build(
+    transformer_config: InfinityConfig,
+    vae_config: VAEConfig,
+    device: torch.device,
+    block_dtype: torch.dtype,
+    seed: int = 0,
+):
     """Random weights, made directly on `device`; blocks in `block_dtype`, the rest float32."""
     torch.manual_seed(seed)
     with torch.device(device):
@@ -89,7 +91,9 @@ def sample_without_cache(transformer, text, schedule, cfg: float, generators):
         logits = transformer(both, x_tokens, prefix)[:, prefix.offsets[s] :]
         if cfg != 1:
             logits = cfg * logits[:B] + (1 - cfg) * logits[B:]
-        bits = tokens_to_bits(sample_bits_from_logits(logits, DEFAULT_TOP_K, DEFAULT_TOP_P, generators), grid, patchify)
+        bits = tokens_to_bits(
+            sample_bits_from_logits(logits, DEFAULTS.top_k, DEFAULTS.top_p, generators), grid, patchify
+        )
         codes = bits_to_codes(bits.to(torch.uint8))
         summed = summed + (codes if s == len(grids) - 1 else upsample_codes(codes, grids[-1]))
         if s < len(grids) - 1:
@@ -98,16 +102,29 @@ def sample_without_cache(transformer, text, schedule, cfg: float, generators):
 
 
 @torch.no_grad()
-def time_generation(transformer, vae, pn: str, device: torch.device, batch_size: int, runs: int, warmup: int, cfg: float, baseline: bool = False) -> dict:
+def time_generation(
+    transformer,
+    vae,
+    pn: str,
+    device: torch.device,
+    batch_size: int,
+    runs: int,
+    warmup: int,
+    cfg: float,
+    baseline: bool = False,
+) -> dict:
     schedule = get_schedule(1.0, pn)
     g = torch.Generator(device).manual_seed(0)
-    features = torch.randn(batch_size, PROMPT_TOKENS, transformer.config.text_channels, device=device, generator=g) / transformer.config.text_channels**0.5
+    features = (
+        torch.randn(batch_size, PROMPT_TOKENS, transformer.config.text_channels, device=device, generator=g)
+        / transformer.config.text_channels**0.5
+    )
     text = TextCondition(features, torch.ones(batch_size, PROMPT_TOKENS, dtype=torch.bool, device=device))
 
     def generate(seed: int, cached: bool = True):
         generators = [torch.Generator(device).manual_seed(seed + k) for k in range(batch_size)]
         if cached:
-            summed = sample(transformer, text, schedule, cfg=cfg, generator=generators).summed_codes
+            summed = sample(transformer, text, schedule, SamplingSettings(cfg=cfg), generator=generators).summed_codes
         else:
             summed = sample_without_cache(transformer, text, schedule, cfg, generators)
         return to_uint8(vae.decode(summed)).cpu()
@@ -138,7 +155,20 @@ def time_generation(transformer, vae, pn: str, device: torch.device, batch_size:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["model", "device", "blocks", "pn", "image", "scales", "tokens", "s/image (median)", "min", "no-cache baseline", "peak GPU GiB", "official"]
+    header = [
+        "model",
+        "device",
+        "blocks",
+        "pn",
+        "image",
+        "scales",
+        "tokens",
+        "s/image (median)",
+        "min",
+        "no-cache baseline",
+        "peak GPU GiB",
+        "official",
+    ]
     lines = [header]
     for r in rows:
         lines.append([
@@ -157,25 +187,41 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pn", nargs="+", default=["0.06M", "0.25M", "1M"], choices=sorted(PN_NUM_SCALES), help="Resolutions of the tiny CPU model.")
+    parser.add_argument(
+        "--pn",
+        nargs="+",
+        default=["0.06M", "0.25M", "1M"],
+        choices=sorted(PN_NUM_SCALES),
+        help="Resolutions of the tiny CPU model.",
+    )
     parser.add_argument("--runs", type=int, default=3, help="Timed runs per row (the median is reported).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed runs first.")
     parser.add_argument("--batch_size", type=int, default=1, help="Images per generation call.")
-    parser.add_argument("--cfg", type=float, default=3.0, help="Guidance scale (3 = the official default: 2 rows per image).")
+    parser.add_argument(
+        "--cfg", type=float, default=3.0, help="Guidance scale (3 = the official default: 2 rows per image)."
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's).")
-    parser.add_argument("--gpu_pn", type=str, default="1M", choices=sorted(PN_NUM_SCALES), help="Resolution of the full 2B model on CUDA.")
+    parser.add_argument(
+        "--gpu_pn",
+        type=str,
+        default="1M",
+        choices=sorted(PN_NUM_SCALES),
+        help="Resolution of the full 2B model on CUDA.",
+    )
     parser.add_argument("--no_gpu", action="store_true", help="Skip the CUDA row even when a GPU is present.")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from helpers import tiny_configs  # the tests' tiny architecture
+    from toy_infinity.tiny import tiny_configs  # the tests' tiny architecture
 
     rows = []
     cpu = torch.device("cpu")
     transformer, vae = build(*tiny_configs(), cpu, torch.float32)
     for pn in args.pn:
-        row = time_generation(transformer, vae, pn, cpu, args.batch_size, args.runs, args.warmup, args.cfg, baseline=True)
+        row = time_generation(
+            transformer, vae, pn, cpu, args.batch_size, args.runs, args.warmup, args.cfg, baseline=True
+        )
         rows.append({"model": "tiny (tests)", "device": f"cpu x{torch.get_num_threads()}", "dtype": "float32", **row})
         print(f"  done: tiny {pn}: {row['s_per_image']:.3f} s/image", file=sys.stderr)
     del transformer, vae
@@ -184,12 +230,17 @@ def main(argv=None):
         gpu = torch.device("cuda")
         preset = MODEL_PRESETS["infinity_2b"]
         transformer, vae = build(preset.transformer, preset.vae, gpu, torch.bfloat16)
-        row = time_generation(transformer, vae, args.gpu_pn, gpu, args.batch_size, args.runs, max(args.warmup, 1), args.cfg)
+        row = time_generation(
+            transformer, vae, args.gpu_pn, gpu, args.batch_size, args.runs, max(args.warmup, 1), args.cfg
+        )
         rows.append({"model": "infinity_2b", "device": torch.cuda.get_device_name(gpu), "dtype": "bfloat16", **row})
     else:
         print("  no CUDA device: the infinity_2b row needs a GPU", file=sys.stderr)
 
-    print(f"Infinity generation, seconds per image (sampling with CFG {args.cfg} + VAE decode; T5 not timed), batch {args.batch_size}, median of {args.runs}")
+    print(
+        f"Infinity generation, seconds per image (sampling with CFG {args.cfg} + VAE decode; T5 not timed), batch "
+        f"{args.batch_size}, median of {args.runs}"
+    )
     print_table(rows)
     return rows
 

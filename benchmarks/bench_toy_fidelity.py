@@ -1,7 +1,7 @@
 """Does a learned token beat words? Measured on the toy world's held-out concepts.
 
 For each concept of examples/concepts/ (a pairing of kind and colour that pretraining never
-showed), with the fidelity recogniser of examples/toy_fidelity.py (P(kind) x P(colour)):
+showed), with the fidelity recogniser of toy_infinity/recogniser.py (P(kind) x P(colour)):
   words     images of the best plain-words description (`words_prompt` in concepts.json,
             "a photo of a pink cross"): the strongest simple alternative to a learned token
   SETTING   images of "a photo of a <concept>" after textual inversion with the training script's
@@ -25,19 +25,18 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
-import toy_fidelity
-import toy_world
-
+from infinity_t2i.files import write_json
 from infinity_t2i.pipeline import InfinityPipeline
 from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
+from toy_infinity import fidelity as toy_fidelity
+from toy_infinity import world as toy_world
+from toy_infinity.recogniser import FidelityScorer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BACKGROUNDS = ("grass", "sky", "night")
 
@@ -98,7 +97,7 @@ def main():
     args = parse_args()
     settings = dict(s.split("=", 1) for s in (args.setting or ["default="]))
     names = args.concept or list(toy_world.HELD_OUT_CONCEPTS)
-    scorer = toy_fidelity.FidelityScorer()
+    scorer = FidelityScorer()
     results_path = os.path.join(args.output_dir, "results.json")
     os.makedirs(args.output_dir, exist_ok=True)
     results = {}
@@ -135,15 +134,15 @@ def main():
                 entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
                 plain = sum(scores["plain"]) / len(scores["plain"])
                 print(
-                    f"{name} {setting} seed {seed}: {plain:.3f} (words {sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)",
+                    f"{name} {setting} seed {seed}: {plain:.3f} (words "
+                    f"{sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)",
                     flush=True,
                 )
-                with open(results_path + ".tmp", "w") as f:
-                    json.dump(results, f)
-                os.replace(results_path + ".tmp", results_path)
+                write_json(results_path, results)
 
     print(
-        f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training seeds {args.seeds} (worst run)\n"
+        f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training "
+        f"seeds {args.seeds} (worst run)\n"
     )
     print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
     print("|---|---|---|" + "---|" * len(settings) + "---|")

@@ -9,8 +9,9 @@
 For each pn it times a no-grad forward of the batch (T5 + transformer + loss), this project's TI
 step in input mode (through T5) and in output mode (cached T5 features, no T5), and the naive
 step (the whole T5 embedding matrix in AdamW, prompts padded to 512 tokens, the VAE re-encoding
-the images every step, attention with a dense block-causal mask, no checkpointing), then the levers one at a time. Memory is the CUDA peak on a GPU; on the CPU it is
-the bytes autograd saves for the backward pass (the part of the peak the levers change).
+the images every step, attention with a dense block-causal mask, no checkpointing), then the
+levers one at a time. Memory is the CUDA peak on a GPU; on the CPU it is the bytes autograd saves
+for the backward pass (the part of the peak the levers change).
 Random weights: speed and memory do not depend on them. `--model infinity_2b` builds the full 2B
 transformer and a flan-t5-xl-shaped encoder.
 
@@ -21,9 +22,7 @@ bytes a GPU would hold (before allocator overhead and the CUDA context).
 """
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -35,17 +34,14 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-import infinity_t2i.transformer as transformer_module  # noqa: E402
-from infinity_t2i.config import MODEL_PRESETS  # noqa: E402
-from infinity_t2i.resolution import get_schedule  # noqa: E402
-from infinity_t2i.text import TextCondition, encode_prompt  # noqa: E402
-from infinity_t2i.textual_inversion import LearnedVectors, add_placeholder_tokens  # noqa: E402
-from infinity_t2i.training import bitwise_loss, make_training_inputs  # noqa: E402
-from infinity_t2i.transformer import InfinityTransformer  # noqa: E402
-from infinity_t2i.vae import BSQVAE  # noqa: E402
+import infinity_t2i.transformer as transformer_module
+from infinity_t2i.config import MODEL_PRESETS
+from infinity_t2i.resolution import get_schedule
+from infinity_t2i.text import TextCondition, encode_prompt
+from infinity_t2i.textual_inversion import LearnedVectors, add_placeholder_tokens
+from infinity_t2i.training import bitwise_loss, make_training_inputs
+from infinity_t2i.transformer import InfinityTransformer
+from infinity_t2i.vae import BSQVAE
 
 PROMPT = "a photo of a <concept> on the beach"
 
@@ -60,9 +56,21 @@ def parse_args():
     return parser.parse_args()
 
 
+def flan_t5_xl_config():
+    """The encoder shapes of google/flan-t5-xl (random weights are built from it)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+    )  # fmt: skip
+
+
 def build(model: str, device: str, dtype: torch.dtype):
-    from helpers import TINY_T5_WIDTH, build_tiny_models, build_tiny_text_encoder
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from toy_infinity.tiny import T5_WIDTH as TINY_T5_WIDTH
+    from toy_infinity.tiny import build_tiny_models, build_tiny_text_encoder
 
     text_dir = build_tiny_text_encoder(tempfile.mkdtemp())  # its tokenizer serves both sizes
     tokenizer = AutoTokenizer.from_pretrained(text_dir, legacy=True)
@@ -75,8 +83,7 @@ def build(model: str, device: str, dtype: torch.dtype):
         with torch.device(device):
             transformer = InfinityTransformer(preset.transformer)
             vae = BSQVAE(preset.vae)
-            t5 = T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
-            text_encoder = T5EncoderModel(t5)
+            text_encoder = T5EncoderModel(flan_t5_xl_config())
     transformer.set_block_dtype(dtype).to(device).requires_grad_(False)
     text_encoder.to(device, dtype).eval().requires_grad_(False)
     vae.to(device).eval().requires_grad_(False)
@@ -85,7 +92,9 @@ def build(model: str, device: str, dtype: torch.dtype):
 
 def masked_attention(q, k, v, scale_lengths):
     """The baseline: one SDPA call over all tokens with a dense (L, L) block-causal mask."""
-    scale_of = torch.repeat_interleave(torch.arange(len(scale_lengths), device=q.device), torch.tensor(scale_lengths, device=q.device))
+    scale_of = torch.repeat_interleave(
+        torch.arange(len(scale_lengths), device=q.device), torch.tensor(scale_lengths, device=q.device)
+    )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=scale_of[None, :] <= scale_of[:, None], scale=1.0)
 
 
@@ -130,7 +139,9 @@ class Setup:
 
     def encode(self) -> TextCondition:
         embedding = self.text_encoder.get_input_embeddings()
-        return encode_prompt(self.tokenizer, self.text_encoder, [PROMPT], embed_tokens=lambda ids: self.learned(ids, embedding(ids)))
+        return encode_prompt(
+            self.tokenizer, self.text_encoder, [PROMPT], embed_tokens=lambda ids: self.learned(ids, embedding(ids))
+        )
 
     @torch.no_grad()
     def forward(self):
@@ -159,8 +170,12 @@ class Setup:
             self.naive_optimizer = torch.optim.AdamW([weight], lr=1e-3)
         with torch.no_grad():
             features = self.vae.encode(self.pixels)
-        tokens = self.tokenizer([PROMPT], padding="max_length", max_length=512, truncation=True, return_tensors="pt").to(self.device)
-        hidden = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state.float()
+        tokens = self.tokenizer(
+            [PROMPT], padding="max_length", max_length=512, truncation=True, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.text_encoder(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask
+        ).last_hidden_state.float()
         loss = self.loss(TextCondition(hidden, tokens.attention_mask), features)
         loss.backward()
         self.naive_optimizer.step()
@@ -234,11 +249,11 @@ class LiveStorageBytes(TorchDispatchMode):
 def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, int]:
     """(weight bytes, step peak bytes, tokens) of a TI step of the 2B shapes, on fake tensors. In
     output mode T5 is not on the device (the captions were encoded before the loop)."""
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     with torch.device("meta"):
         transformer = InfinityTransformer(MODEL_PRESETS["infinity_2b"].transformer).set_block_dtype(torch.bfloat16)
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)).to(torch.bfloat16)
+        t5 = T5EncoderModel(flan_t5_xl_config()).to(torch.bfloat16)
         vae = BSQVAE(MODEL_PRESETS["infinity_2b"].vae)
     transformer.requires_grad_(False).gradient_checkpointing = checkpointing
     t5.requires_grad_(False)
@@ -251,12 +266,23 @@ def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, 
         token_id = 32100
         learned = LearnedVectors([token_id], torch.zeros(1, 2048))
         optimizer = torch.optim.AdamW(learned.parameters(), lr=1e-3)
-        input_ids = torch.tensor([[3, 9, 1712, 13, 3, 9, token_id, 30, 8, 2608, 1]])  # ~ "a photo of a <tok> on the beach"
+        input_ids = torch.tensor(
+            [[3, 9, 1712, 13, 3, 9, token_id, 30, 8, 2608, 1]]
+        )  # ~ "a photo of a <tok> on the beach"
         mask = torch.ones_like(input_ids)
         x_tokens = torch.randn(1, schedule.total_len - 1, 32)
         labels = torch.randint(0, 2, (1, schedule.total_len, 32))
         cached = torch.randn(1, input_ids.shape[1], 2048)  # output mode: the caption's T5 features
-        existing = [*transformer.state_dict().values(), *t5.state_dict().values(), learned.weight, input_ids, mask, x_tokens, labels, cached]
+        existing = [
+            *transformer.state_dict().values(),
+            *t5.state_dict().values(),
+            learned.weight,
+            input_ids,
+            mask,
+            x_tokens,
+            labels,
+            cached,
+        ]
         tracker = LiveStorageBytes(existing)
         with tracker:
             if ti_mode == "output":
@@ -281,19 +307,28 @@ def main():
     torch.manual_seed(0)
     if args.trace_memory:
         print("Infinity-2B + flan-t5-xl encoder (bf16) + BSQ-VAE (fp32), batch 1, traced on fake tensors")
-        print(f"{'pn':>6} {'tokens':>6} | {'ti_mode':>7} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} {'total':>9}")
+        print(
+            f"{'pn':>6} {'tokens':>6} | {'ti_mode':>7} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} "
+            f"{'total':>9}"
+        )
         for pn in args.pn:
             for ti_mode in ("input", "output"):
                 for checkpointing in (False, True):
                     weights, peak, tokens = trace_memory(pn, checkpointing, ti_mode)
-                    print(f"{pn:>6} {tokens:>6} | {ti_mode:>7} | {str(checkpointing):>13} | {gib(weights):>9} {gib(peak):>10} {gib(weights + peak):>9}")
+                    print(
+                        f"{pn:>6} {tokens:>6} | {ti_mode:>7} | {checkpointing!s:>13} | {gib(weights):>9} "
+                        f"{gib(peak):>10} {gib(weights + peak):>9}"
+                    )
         return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     models = build(args.model, args.device, dtype)
     memory_kind = "CUDA peak" if args.device.startswith("cuda") else "saved for backward"
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    )
     print(f"model {args.model}, {name}, weights {str(dtype).removeprefix('torch.')}, memory = {memory_kind}")
-    print(f"{'pn':>6} {'tokens':>6} | {'forward':>9} | {'TI step':>9} {'ratio':>6} {'memory':>10} | {'output':>9} {'ratio':>6} {'memory':>10} | "
+    print(f"{'pn':>6} {'tokens':>6} | {'forward':>9} | {'TI step':>9} {'ratio':>6} {'memory':>10} | "
+          f"{'output':>9} {'ratio':>6} {'memory':>10} | "
           f"{'naive step':>10} {'memory':>10} {'naive/ours':>10}")  # fmt: skip
     levers = []
     for pn in args.pn:
@@ -307,7 +342,8 @@ def main():
         with attention("masked"):
             naive, naive_mem = measure(setup.naive, args.device, args.repeats)
         setup.end_naive()
-        print(f"{pn:>6} {setup.schedule.total_len:>6} | {forward:>8.3f}s | {ours:>8.3f}s {ours / forward:>5.2f}x {gib(ours_mem):>10} | "
+        print(f"{pn:>6} {setup.schedule.total_len:>6} | {forward:>8.3f}s | "
+              f"{ours:>8.3f}s {ours / forward:>5.2f}x {gib(ours_mem):>10} | "
               f"{output_mode:>8.3f}s {output_mode / forward:>5.2f}x {gib(output_mem):>10} | "
               f"{naive:>9.3f}s {gib(naive_mem):>10} {naive / ours:>9.2f}x")  # fmt: skip
         # the levers, each against this project's step without it
@@ -322,7 +358,10 @@ def main():
     print("\nlevers (TI step; memory as above)")
     print(f"{'pn':>6} | {'per-scale attention':>22} | {'dense masked attention':>24} | {'+ block checkpointing':>24}")
     for pn, plain, plain_mem, masked, masked_mem, ckpt, ckpt_mem in levers:
-        print(f"{pn:>6} | {plain:>8.3f}s {gib(plain_mem):>12} | {masked:>8.3f}s {gib(masked_mem):>14} | {ckpt:>8.3f}s {gib(ckpt_mem):>14}")
+        print(
+            f"{pn:>6} | {plain:>8.3f}s {gib(plain_mem):>12} | {masked:>8.3f}s {gib(masked_mem):>14} | {ckpt:>8.3f}s "
+            f"{gib(ckpt_mem):>14}"
+        )
 
 
 if __name__ == "__main__":

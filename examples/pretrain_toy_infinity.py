@@ -1,4 +1,4 @@
-"""Pretrains a toy Infinity on the procedural toy world (examples/toy_world.py), on CPU, from scratch.
+"""Pretrains a toy Infinity on the procedural toy world (toy_infinity/world.py), on CPU, from scratch.
 
 One run, in order: render every object pretraining shows (386 images); train a SentencePiece tokenizer
 on its captions and build a small random T5 encoder; train a BSQ-VAE; encode every image to VAE
@@ -12,11 +12,8 @@ pipeline in half precision and render a preview grid through InfinityPipeline.fr
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import math
 import os
-import sys
 import tempfile
 import time
 
@@ -26,23 +23,20 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(EXAMPLES))  # the package lives at the repository root
-sys.path.insert(0, EXAMPLES)
-
-import toy_world
-
 from infinity_t2i.config import InfinityConfig, VAEConfig
+from infinity_t2i.grids import labelled_grid
 from infinity_t2i.multiscale import residual_quantize
-from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder, make_image_grid
+from infinity_t2i.pipeline import InfinityPipeline, load_text_encoder
 from infinity_t2i.resolution import get_schedule
 from infinity_t2i.text import encode_prompt
 from infinity_t2i.training import bitwise_loss, make_training_inputs
 from infinity_t2i.transformer import InfinityTransformer
 from infinity_t2i.vae import BSQVAE
+from toy_infinity import world as toy_world
+from toy_infinity.tiny import T5_WIDTH, write_text_encoder
 
-T5_WIDTH = 128  # the attentive pool has T5_WIDTH // 128 heads
-SPARE_EMBEDDING_ROWS = 28  # like flan-t5 (32128 rows for 32100 tokens): room for placeholder tokens
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+
 VOCAB_SIZE = 160  # BPE pieces: every caption word but one ends up a single piece
 
 # 48 channels, not 32: GroupNorm has 32 (or 24) groups, and with one channel per group a flat
@@ -132,53 +126,6 @@ def lr_at(step: int, total: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def write_text_encoder(directory: str, corpus: list[str], vocab_size: int, model_type: str, seed: int) -> str:
-    """Writes a SentencePiece tokenizer trained on `corpus`, in flan-T5's conventions (pad 0, eos
-    1, unk 2; spiece.model, tokenizer.json, tokenizer_config.json) and a random 2-layer T5 encoder
-    with spare embedding rows, as a folder T5EncoderModel / AutoTokenizer load. The tests build
-    their tiny text encoder with it too."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
-
-    os.makedirs(directory, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        model_type=model_type,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    with open(os.path.join(directory, "spiece.model"), "wb") as f:
-        f.write(model.getvalue())
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "T5Tokenizer", "extra_ids": 4, "legacy": True, "model_max_length": 512}, f)
-    tokenizer = AutoTokenizer.from_pretrained(directory, legacy=True)
-    tokenizer.save_pretrained(directory)  # adds tokenizer.json, as the released flan-t5 folder has
-    config = T5Config(
-        vocab_size=len(tokenizer) + SPARE_EMBEDDING_ROWS,
-        d_model=T5_WIDTH,
-        d_kv=32,
-        d_ff=256,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
-    T5EncoderModel(config).save_pretrained(directory)
-    return directory
 
 
 def quantize_with_straight_through(features: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +234,7 @@ def save_preview(directory: str, path: str, seed: int) -> None:
     """Four samples per preview prompt, one row each, from the saved folder."""
     pipe = InfinityPipeline.from_pretrained(directory)
     rows = [pipe(prompt, num_images_per_prompt=4, pn=toy_world.PN, seed=seed).images for prompt in PREVIEW_PROMPTS]
-    make_image_grid([image for row in rows for image in row], rows=len(rows)).save(path)
+    labelled_grid(rows, row_labels=PREVIEW_PROMPTS, column_labels=[f"seed {seed + i}" for i in range(4)]).save(path)
 
 
 def main():
@@ -304,7 +251,9 @@ def main():
     )
     with tempfile.TemporaryDirectory() as text_dir:
         # BPE: unigram stops at single letters on a corpus of 30 distinct words.
-        write_text_encoder(text_dir, toy_world.caption_corpus(args.corpus_size, args.seed), VOCAB_SIZE, "bpe", args.seed)
+        write_text_encoder(
+            text_dir, toy_world.caption_corpus(args.corpus_size, args.seed), VOCAB_SIZE, "bpe", args.seed
+        )
         tokenizer, text_encoder = load_text_encoder(text_dir, torch.float32, "cpu")
 
     vae = BSQVAE(VAE_CONFIG)

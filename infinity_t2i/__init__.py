@@ -5,7 +5,7 @@ from .config import MODEL_PRESETS, InfinityConfig, ModelPreset, VAEConfig
 from .loading import CheckpointError, ModelFilesNotFound
 from .pipeline import InfinityPipeline, InfinityPipelineOutput
 from .resolution import ScaleSchedule, get_schedule, nearest_template
-from .sampling import sample
+from .sampling import SamplingSettings, sample
 from .text import TextCondition, encode_prompt
 from .training import bitwise_loss, make_training_inputs
 from .transformer import InfinityTransformer
@@ -13,14 +13,15 @@ from .vae import BSQVAE
 
 __all__ = [
     "BSQVAE",
+    "MODEL_PRESETS",
     "CheckpointError",
     "InfinityConfig",
     "InfinityPipeline",
     "InfinityPipelineOutput",
     "InfinityTransformer",
-    "MODEL_PRESETS",
     "ModelFilesNotFound",
     "ModelPreset",
+    "SamplingSettings",
     "ScaleSchedule",
     "TextCondition",
     "VAEConfig",

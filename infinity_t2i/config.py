@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from .files import write_json
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -123,10 +125,7 @@ def save_model_config(preset: ModelPreset, directory: str) -> str:
         "vae_file": preset.vae_file,
         "text_encoder": preset.text_encoder,
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, payload)
     return path
 
 
@@ -198,12 +197,12 @@ def configs_from_official_kwargs(reference_config: dict) -> tuple[InfinityConfig
 
 
 __all__ = [
-    "VAEConfig",
+    "MODEL_CONFIG_NAME",
+    "MODEL_PRESETS",
     "InfinityConfig",
     "ModelPreset",
-    "MODEL_PRESETS",
-    "MODEL_CONFIG_NAME",
-    "save_model_config",
-    "load_model_config",
+    "VAEConfig",
     "configs_from_official_kwargs",
+    "load_model_config",
+    "save_model_config",
 ]

@@ -1,8 +1,41 @@
-"""Checks on the folders the scripts write to, made before any model is loaded."""
+"""Files the scripts write: atomically, and into folders checked before any model is loaded."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str) -> Iterator[str]:
+    """Yields a temporary path to write in place of `path`, renamed over it when the block ends
+    and removed if the block fails: a reader (or a resumed run) sees the old file or the new one,
+    never part of one."""
+    tmp = f"{path}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path: str, payload) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def save_image(image, path: str) -> None:
+    """A PIL image as PNG (whatever the file's extension)."""
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def unwritable_reason(folder: str) -> str | None:

@@ -12,12 +12,14 @@ import json
 import os
 import pickle
 import zipfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
+from torch import nn
+
+from .files import atomic_write
 
 SHARD_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Constant buffers a checkpoint may leave out: the all-zero K biases and the VAE's bit weights.
@@ -90,9 +92,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
                 f"{path} holds pickled objects other than tensors, which are not loaded (weights_only=True); "
                 "save only the state dict, e.g. torch.save(ckpt['trainer']['gpt_fsdp'], 'weights.pth')"
             ) from e
-        raise CheckpointError(f"{path} is not a readable checkpoint (neither a torch.save archive nor safetensors); download it again") from e
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (neither a torch.save archive nor safetensors); download it again"
+        ) from e
     except Exception as e:  # truncated archives, and junk bytes the unpickler trips over in many ways
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); download it again") from e
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); download it again"
+        ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -111,7 +117,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> No
     state = dict(state)
     for key, ref in expected.items():
         if key not in state and key.endswith(OPTIONAL_SUFFIXES):
-            default = torch.zeros(ref.shape) if key.endswith("zero_k_bias") else 2 ** torch.arange(ref.shape[0] - 1, -1, -1)
+            default = (
+                torch.zeros(ref.shape) if key.endswith("zero_k_bias") else 2 ** torch.arange(ref.shape[0] - 1, -1, -1)
+            )
             state[key] = default
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
@@ -160,6 +168,5 @@ def save_state_dict(module: nn.Module, path: str) -> None:
             continue
         seen.add(value.data_ptr())
         state[key] = value.detach().contiguous()
-    tmp = path + ".tmp"
-    save_safetensors(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_safetensors(state, tmp)

@@ -15,8 +15,8 @@ pixel_unshuffle order (channel 4k + 2dy + dx).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,9 @@ class ResidualQuantization:
 BitFlip = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def residual_quantize(features: torch.Tensor, grids: Sequence[Grid], flip: BitFlip | None = None) -> ResidualQuantization:
+def residual_quantize(
+    features: torch.Tensor, grids: Sequence[Grid], flip: BitFlip | None = None
+) -> ResidualQuantization:
     """Quantizes VAE features (B, d, H, W) scale by scale; `flip(s, bits)` may corrupt the bits
     that are accumulated (bitwise self-correction) while the labels stay the clean bits."""
     features = features.float()
@@ -117,7 +119,7 @@ def random_bit_flip(strength: float, num_scales: int, generator: torch.Generator
     step, shared by the batch) and each bit is flipped with that probability."""
     if strength <= 0 or num_scales <= 0:
         return None
-    max_percent = int(round(100 * strength))
+    max_percent = round(100 * strength)
 
     def flip(s: int, bits: torch.Tensor) -> torch.Tensor:
         if s >= num_scales:

@@ -1,16 +1,15 @@
 """`InfinityPipeline`: load the released model (or a local one) and turn prompts into images.
 
-    pipe = InfinityPipeline.from_pretrained("FoundationVision/Infinity", model_type="infinity_2b",
-                                            torch_dtype=torch.bfloat16, device="cuda")
-    images = pipe("a photo of a dog on the beach", seed=0).images
+pipe = InfinityPipeline.from_pretrained("FoundationVision/Infinity", model_type="infinity_2b",
+                                        torch_dtype=torch.bfloat16, device="cuda")
+images = pipe("a photo of a dog on the beach", seed=0).images
 """
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -18,23 +17,15 @@ from PIL import Image
 from .config import MODEL_CONFIG_NAME, MODEL_PRESETS, ModelPreset, load_model_config, save_model_config
 from .loading import (
     ModelFilesNotFound,
-    looks_like_a_path,
     load_into,
+    looks_like_a_path,
     read_state_dict,
     resolve_model_file,
     save_state_dict,
     vae_state_dict,
 )
 from .resolution import ScaleSchedule, get_schedule
-from .sampling import (
-    DEFAULT_CFG,
-    DEFAULT_CFG_INSERTION_LAYER,
-    DEFAULT_TAU,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    Generators,
-    sample,
-)
+from .sampling import Generators, SamplingSettings, sample
 from .text import T5_MAX_LENGTH, TextCondition, encode_prompt
 from .transformer import InfinityTransformer
 from .vae import BSQVAE
@@ -58,7 +49,9 @@ def effective_model_type(pretrained_model_name_or_path: str, model_type: str) ->
     return "custom" if os.path.isdir(pretrained_model_name_or_path) and os.path.exists(local_config) else model_type
 
 
-def resolve_text_encoder(pretrained_model_name_or_path: str, text_encoder_name_or_path: str | None, preset: ModelPreset) -> str:
+def resolve_text_encoder(
+    pretrained_model_name_or_path: str, text_encoder_name_or_path: str | None, preset: ModelPreset
+) -> str:
     """The text encoder `from_pretrained` loads: the one named, else a local model folder's own
     (bundled under the preset's name), else the preset's hub id (google/flan-t5-xl)."""
     if text_encoder_name_or_path:
@@ -99,17 +92,26 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: s
     from transformers import AutoTokenizer, T5EncoderModel
 
     if looks_like_a_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise ModelFilesNotFound(f"text encoder folder {name_or_path} does not exist; pass a flan-T5 folder or a hub repo id such as google/flan-t5-xl")
-    if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, f)) for f in ("spiece.model", "tokenizer.json")):
+        raise ModelFilesNotFound(
+            f"text encoder folder {name_or_path} does not exist; pass a flan-T5 folder or a hub repo id such as "
+            "google/flan-t5-xl"
+        )
+    if os.path.isdir(name_or_path) and not any(
+        os.path.exists(os.path.join(name_or_path, f)) for f in ("spiece.model", "tokenizer.json")
+    ):
         # transformers would build a tokenizer of special tokens only, and every word would be <unk>
-        raise ModelFilesNotFound(f"{name_or_path} has no tokenizer files (spiece.model or tokenizer.json); copy them from the flan-T5 repo beside the weights")
+        raise ModelFilesNotFound(
+            f"{name_or_path} has no tokenizer files (spiece.model or tokenizer.json); copy them from the flan-T5 repo "
+            "beside the weights"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, legacy=True)
         text_encoder = T5EncoderModel.from_pretrained(name_or_path, revision=revision, dtype=dtype)
     except OSError as e:
         if os.path.isdir(name_or_path):
             raise ModelFilesNotFound(
-                f"{name_or_path} holds no complete flan-T5 encoder ({type(e).__name__}); it needs config.json, the weights "
+                f"{name_or_path} holds no complete flan-T5 encoder ({type(e).__name__}); it needs config.json, the "
+                "weights "
                 "(model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
             ) from e
         raise ModelFilesNotFound(
@@ -145,7 +147,7 @@ class InfinityPipeline:
         device: str | torch.device = "cpu",
         revision: str | None = None,
         text_encoder_dtype: torch.dtype | None = None,
-    ) -> "InfinityPipeline":
+    ) -> InfinityPipeline:
         """Loads from a hub repo id (FoundationVision/Infinity file names) or a local folder with
         the same file names. `torch_dtype` applies to the transformer blocks; the VAE and the
         transformer's float32 parts stay float32, as in the official bf16 inference. T5 runs in
@@ -156,7 +158,9 @@ class InfinityPipeline:
         transformer = load_transformer(transformer_path, preset, torch_dtype, device)
         vae = load_vae(vae_path, preset, device)
         text_encoder_path = resolve_text_encoder(pretrained_model_name_or_path, text_encoder_name_or_path, preset)
-        tokenizer, text_encoder = load_text_encoder(text_encoder_path, text_encoder_dtype or default_text_encoder_dtype(device), device, None)
+        tokenizer, text_encoder = load_text_encoder(
+            text_encoder_path, text_encoder_dtype or default_text_encoder_dtype(device), device, None
+        )
         return cls(transformer, vae, tokenizer, text_encoder)
 
     def save_pretrained(self, directory: str) -> None:
@@ -167,14 +171,16 @@ class InfinityPipeline:
         save_state_dict(self.vae, os.path.join(directory, "vae.safetensors"))
         self.tokenizer.save_pretrained(os.path.join(directory, "text_encoder"))
         self.text_encoder.save_pretrained(os.path.join(directory, "text_encoder"))
-        preset = ModelPreset(self.transformer.config, self.vae.config, "transformer.safetensors", "vae.safetensors", "text_encoder")
+        preset = ModelPreset(
+            self.transformer.config, self.vae.config, "transformer.safetensors", "vae.safetensors", "text_encoder"
+        )
         save_model_config(preset, directory)  # last: a folder with a config is a complete one
 
     @property
     def device(self) -> torch.device:
         return self.transformer.pos_start.device
 
-    def to(self, device) -> "InfinityPipeline":
+    def to(self, device) -> InfinityPipeline:
         for module in (self.transformer, self.vae, self.text_encoder):
             module.to(device)
         return self
@@ -201,16 +207,13 @@ class InfinityPipeline:
         h_div_w: float = 1.0,
         pn: str = "1M",
         schedule: ScaleSchedule | None = None,
-        cfg: float | Sequence[float] = DEFAULT_CFG,
-        tau: float | Sequence[float] = DEFAULT_TAU,
-        top_k: int = DEFAULT_TOP_K,
-        top_p: float = DEFAULT_TOP_P,
-        cfg_insertion_layer: int = DEFAULT_CFG_INSERTION_LAYER,
         seed: int | None = None,
         generator: Generators = None,
         return_bits: bool = False,
+        **sampling,
     ) -> InfinityPipelineOutput:
-        """Generates `num_images_per_prompt` images for each prompt in one batch.
+        """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg,
+        tau, top_k, top_p, cfg_insertion_layer (`SamplingSettings`, official defaults).
 
         With `seed`, image k of the batch draws from its own generator seeded `seed + k` on the
         model's device (for a single image this is the official per-call seeding); `generator`
@@ -221,7 +224,11 @@ class InfinityPipeline:
         negative = None
         if negative_prompt:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            negatives = negatives if len(negatives) == len(prompts) else [n for n in negatives for _ in range(num_images_per_prompt)]
+            negatives = (
+                negatives
+                if len(negatives) == len(prompts)
+                else [n for n in negatives for _ in range(num_images_per_prompt)]
+            )
             negative = self.encode_prompt(negatives)
         if generator is None and seed is not None:
             generator = [torch.Generator(self.device).manual_seed(seed + k) for k in range(len(prompts))]
@@ -229,12 +236,8 @@ class InfinityPipeline:
             self.transformer,
             text,
             schedule or self.schedule(h_div_w, pn),
+            SamplingSettings(**sampling),
             negative_text=negative,
-            cfg=cfg,
-            tau=tau,
-            top_k=top_k,
-            top_p=top_p,
-            cfg_insertion_layer=cfg_insertion_layer,
             generator=generator,
         )
         # the official inference decodes under bf16 autocast when its blocks run in bf16
@@ -268,13 +271,3 @@ def generate_images(
         if progress is not None:
             progress(n)
     return images
-
-
-def make_image_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
-    """Images laid out row by row (all of the first image's size)."""
-    cols = math.ceil(len(images) / rows)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for k, image in enumerate(images):
-        grid.paste(image.resize((w, h)), ((k % cols) * w, (k // cols) * h))
-    return grid

@@ -7,8 +7,8 @@ the same logits go through the same masking and the same `torch.multinomial` cal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -17,11 +17,17 @@ from .resolution import ScaleSchedule
 from .text import TextCondition
 from .transformer import InfinityTransformer, KVCache
 
-DEFAULT_CFG = 3.0
-DEFAULT_TAU = 1.0
-DEFAULT_TOP_K = 900
-DEFAULT_TOP_P = 0.97
-DEFAULT_CFG_INSERTION_LAYER = 0  # 0: guidance on the logits; -k: on the hidden states after block depth-k
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How bits are drawn; the defaults are the official `tools/run_infinity.py`'s. `cfg` and `tau`
+    may give one value per scale."""
+
+    cfg: float | Sequence[float] = 3.0  # logits = cfg * cond + (1 - cfg) * uncond
+    tau: float | Sequence[float] = 1.0  # temperature of the bit logits
+    top_k: int = 900  # per bit: >= 2 keeps both values, 1 is greedy, 0 off
+    top_p: float = 0.97  # per bit, 0 off
+    cfg_insertion_layer: int | Sequence[int] = 0  # 0: guidance on the logits; -k: on hidden states after block depth-k
 
 
 @dataclass
@@ -65,7 +71,9 @@ def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, gene
     if isinstance(generator, (list, tuple)):
         if len(generator) != B:
             raise ValueError(f"got {len(generator)} generators for a batch of {B}")
-        bits = torch.stack([torch.multinomial(p.view(-1, 2), 1, replacement=True, generator=g) for p, g in zip(probs, generator)])
+        bits = torch.stack(
+            [torch.multinomial(p.view(-1, 2), 1, replacement=True, generator=g) for p, g in zip(probs, generator)]
+        )
     else:
         bits = torch.multinomial(probs.view(-1, 2), num_samples=1, replacement=True, generator=generator)
     return bits.view(B, n, -1)
@@ -76,13 +84,9 @@ def sample(
     model: InfinityTransformer,
     text: TextCondition,
     schedule: ScaleSchedule,
+    settings: SamplingSettings = SamplingSettings(),  # frozen: one shared default is safe
     *,
     negative_text: TextCondition | None = None,
-    cfg: float | Sequence[float] = DEFAULT_CFG,
-    tau: float | Sequence[float] = DEFAULT_TAU,
-    top_k: int = DEFAULT_TOP_K,
-    top_p: float = DEFAULT_TOP_P,
-    cfg_insertion_layer: int | Sequence[int] = DEFAULT_CFG_INSERTION_LAYER,
     generator: Generators = None,
     return_logits: bool = False,
 ) -> SamplingOutput:
@@ -93,8 +97,9 @@ def sample(
     """
     cfg_model, device = model.config, text.features.device
     S, B = len(schedule), text.batch_size
-    cfgs, taus = per_scale(cfg, S, "cfg"), per_scale(tau, S, "tau")
-    layers = [cfg_insertion_layer] if isinstance(cfg_insertion_layer, int) else list(cfg_insertion_layer)
+    cfgs, taus = per_scale(settings.cfg, S, "cfg"), per_scale(settings.tau, S, "tau")
+    insertion = settings.cfg_insertion_layer
+    layers = [insertion] if isinstance(insertion, int) else list(insertion)
     if any(k > 0 or k <= -cfg_model.depth for k in layers):
         raise ValueError(f"cfg_insertion_layer must be 0 (logits) or in [-{cfg_model.depth - 1}, -1], got {layers}")
     guide_logits = 0 in layers
@@ -125,7 +130,7 @@ def sample(
     for s, grid in enumerate(schedule.grids):
         guidance, offset, n = cfgs[s], schedule.offsets[s], schedule.lengths[s]
 
-        def mix_hidden(i: int, h: torch.Tensor) -> torch.Tensor:
+        def mix_hidden(i: int, h: torch.Tensor, guidance: float = guidance) -> torch.Tensor:
             if guidance == 1 or i not in guide_after_block:
                 return h
             h = guidance * h[:B] + (1 - guidance) * h[B:]
@@ -143,7 +148,7 @@ def sample(
         if return_logits:
             out.head_logits.append(head)
             out.sample_logits.append(logits.clone())
-        tokens = sample_bits_from_logits(logits, top_k, top_p, generator)  # B, n, d_token
+        tokens = sample_bits_from_logits(logits, settings.top_k, settings.top_p, generator)  # B, n, d_token
         bits = tokens_to_bits(tokens, grid, patchify).to(torch.uint8)
         out.bits.append(bits)
         codes = bits_to_codes(bits)

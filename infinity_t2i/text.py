@@ -9,8 +9,8 @@ convert between them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,22 +37,27 @@ class TextCondition:
         return self.mask.sum(-1).tolist()
 
     @classmethod
-    def from_packed(cls, kv_compact: torch.Tensor, lens: Sequence[int]) -> "TextCondition":
+    def from_packed(cls, kv_compact: torch.Tensor, lens: Sequence[int]) -> TextCondition:
         """From the official (kv_compact (sum(lens), C), lens) format."""
         lens = [int(n) for n in lens]
         rows = kv_compact.split(lens)
         features = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        mask = torch.arange(max(lens), device=kv_compact.device)[None, :] < torch.tensor(lens, device=kv_compact.device)[:, None]
+        mask = (
+            torch.arange(max(lens), device=kv_compact.device)[None, :]
+            < torch.tensor(lens, device=kv_compact.device)[:, None]
+        )
         return cls(features, mask)
 
     def packed(self) -> tuple[torch.Tensor, list[int], torch.Tensor, int]:
         """The official 4-tuple (kv_compact, lens, cu_seqlens_k int32, max_seqlen_k)."""
         lens = self.lens
         kv_compact = self.features[self.mask]
-        cu_seqlens = F.pad(torch.tensor(lens, dtype=torch.int32, device=self.features.device).cumsum(0, dtype=torch.int32), (1, 0))
+        cu_seqlens = F.pad(
+            torch.tensor(lens, dtype=torch.int32, device=self.features.device).cumsum(0, dtype=torch.int32), (1, 0)
+        )
         return kv_compact, lens, cu_seqlens, max(lens)
 
-    def cat(self, other: "TextCondition") -> "TextCondition":
+    def cat(self, other: TextCondition) -> TextCondition:
         """Stacks two conditions along the batch, padding both to the longer prompt."""
         length = max(self.features.shape[1], other.features.shape[1])
 
@@ -63,10 +68,10 @@ class TextCondition:
         (fa, ma), (fb, mb) = pad(self), pad(other)
         return TextCondition(torch.cat([fa, fb.to(fa.dtype)]), torch.cat([ma, mb]))
 
-    def repeat(self, n: int) -> "TextCondition":
+    def repeat(self, n: int) -> TextCondition:
         return TextCondition(self.features.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
 
-    def to(self, device) -> "TextCondition":
+    def to(self, device) -> TextCondition:
         return TextCondition(self.features.to(device), self.mask.to(device))
 
 
@@ -89,12 +94,22 @@ def tokenize(tokenizer, prompts: Sequence[str], max_length: int = T5_MAX_LENGTH)
     """
     learned = learned_token_ids(tokenizer)
     if not learned or not any(tokenizer.added_tokens_decoder[i].content in p for p in prompts for i in learned):
-        tokens = tokenizer(list(prompts), max_length=max_length, padding="longest", truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            list(prompts), max_length=max_length, padding="longest", truncation=True, return_tensors="pt"
+        )
         return tokens.input_ids, tokens.attention_mask
     space = tokenizer.convert_tokens_to_ids(SPACE_PIECE)
     rows = []
     for ids in tokenizer(list(prompts), max_length=max_length, truncation=True).input_ids:
-        rows.append([t for k, t in enumerate(ids) if not (t == space and ({ids[k - 1] if k else None, ids[k + 1] if k + 1 < len(ids) else None} & learned))])
+        rows.append(
+            [
+                t
+                for k, t in enumerate(ids)
+                if not (
+                    t == space and ({ids[k - 1] if k else None, ids[k + 1] if k + 1 < len(ids) else None} & learned)
+                )
+            ]
+        )
     length = max(len(r) for r in rows)
     input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (length - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])

@@ -21,15 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
+from .files import atomic_write
 from .loading import CheckpointError, ModelFilesNotFound, read_state_dict, resolve_model_file
 from .text import SPACE_PIECE
 
@@ -84,12 +85,37 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
+def placeholder_pattern(placeholder: str, suffix: str = "") -> re.Pattern:
+    """The placeholder as written in a prompt, not as the start of one of its own extra tokens
+    (`<my-dog>_1`); `suffix`, a regular expression, must follow it."""
+    return re.compile(re.escape(placeholder) + r"(?!_\d)" + suffix)
+
+
+def replace_placeholder(text: str, placeholder: str, replacement: str) -> str:
+    return placeholder_pattern(placeholder).sub(lambda _: replacement, text)  # a function: no escapes read
+
+
 def expand_placeholders(prompt: str, concepts: dict[str, list[str]]) -> str:
     """Replaces each placeholder by all its tokens: "a <my-dog>" -> "a <my-dog> <my-dog>_1"."""
     for placeholder, tokens in concepts.items():
         if len(tokens) > 1:
-            prompt = re.sub(re.escape(placeholder) + r"(?!_\d)", lambda _: " ".join(tokens), prompt)
+            prompt = replace_placeholder(prompt, placeholder, " ".join(tokens))
     return prompt
+
+
+def check_new_token(
+    token: str, vocab: dict[str, int] | None = None, where: str = "", fix: str = "choose a new placeholder token"
+) -> None:
+    """Refuses a token that cannot be added as a new one: not one word, or (given the tokenizer's
+    vocabulary) a word or word piece the tokenizer already has. `where` names its source, `fix`
+    what to do about a known word."""
+    prefix = f"{where}: " if where else ""
+    if not token.strip() or any(c.isspace() for c in token):
+        raise ConceptError(f"{prefix}token {token!r} must be one word without spaces, e.g. <my-dog>")
+    if vocab is not None and (token in vocab or SPACE_PIECE + token in vocab):
+        raise ConceptError(
+            f"{prefix}{token!r} is already in the tokenizer's vocabulary; {fix} such as <{token.strip('<>')}-concept>"
+        )
 
 
 def add_placeholder_tokens(tokenizer, tokens: list[str]) -> list[int]:
@@ -98,10 +124,7 @@ def add_placeholder_tokens(tokenizer, tokens: list[str]) -> list[int]:
 
     vocab = tokenizer.get_vocab()
     for token in tokens:
-        if not token.strip() or any(c.isspace() for c in token):
-            raise ConceptError(f"placeholder token {token!r} must be one word without spaces, e.g. <my-dog>")
-        if token in vocab or SPACE_PIECE + token in vocab:
-            raise ConceptError(f"{token!r} is already in the tokenizer's vocabulary; choose a new placeholder token such as <{token}-concept>")
+        check_new_token(token, vocab)
     tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False) for t in tokens])
     return tokenizer.convert_tokens_to_ids(tokens)
 
@@ -120,7 +143,9 @@ def initializer_pieces(tokenizer, initializer: str) -> list[int]:
     if not ids:
         raise ConceptError(f"initializer token {initializer!r} is empty after tokenization; give a word such as 'dog'")
     if tokenizer.unk_token_id in ids:
-        raise ConceptError(f"initializer token {initializer!r} is unknown to the tokenizer (it maps to <unk>); give a word it knows")
+        raise ConceptError(
+            f"initializer token {initializer!r} is unknown to the tokenizer (it maps to <unk>); give a word it knows"
+        )
     return ids
 
 
@@ -134,7 +159,11 @@ def initializer_vectors(pieces: torch.Tensor, num_vectors: int) -> torch.Tensor:
 
 
 def replace_rows(
-    input_ids: torch.Tensor, rows: torch.Tensor, token_ids: torch.Tensor, vectors: torch.Tensor, weights: torch.Tensor | None = None
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    token_ids: torch.Tensor,
+    vectors: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """rows (B, L, C) with vector i wherever token_ids[i] occurs in input_ids (B, L); with
     `weights` (n,), w * vector + (1 - w) * the row it replaces."""
@@ -167,7 +196,9 @@ class LearnedVectors(nn.Module):
             self.register_buffer("norms", init.norm(dim=-1, keepdim=True))
             self.weight = nn.Parameter(self._unit_rms(init))
             # only the direction moves: drop the gradient's radial part before the optimizer sees it
-            self.weight.register_hook(lambda g: g - (g * self.weight).sum(-1, keepdim=True) * self.weight / init.shape[-1])
+            self.weight.register_hook(
+                lambda g: g - (g * self.weight).sum(-1, keepdim=True) * self.weight / init.shape[-1]
+            )
         else:
             self.weight = nn.Parameter(init.clone())
 
@@ -242,17 +273,21 @@ class LearnedConcept:
 
 def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
     """{placeholder: (num_vectors, C)} with string metadata, written atomically."""
-    metadata = {"format": FORMAT, "placeholder_token": concept.placeholder, "tokens": json.dumps(concept.tokens), "ti_mode": concept.mode}
+    metadata = {
+        "format": FORMAT,
+        "placeholder_token": concept.placeholder,
+        "tokens": json.dumps(concept.tokens),
+        "ti_mode": concept.mode,
+    }
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in concept.metadata.items()})
     tensors = {concept.placeholder: concept.vectors}
     if concept.mode == "output":
         tensors[concept.placeholder + T5_INPUT_SUFFIX] = concept.t5_input
-    tmp = path + ".tmp"
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared embedding is readable like any file
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared embedding is readable like any file
 
 
 def _decode_metadata(raw: dict) -> dict:
@@ -281,15 +316,23 @@ def resolve_learned_embeds(name_or_path: str, revision: str | None = None) -> st
         for name in (LEARNED_EMBEDS_NAME, "learned_embeds.bin"):  # this project's, then diffusers' older one
             if os.path.exists(os.path.join(name_or_path, name)):
                 return os.path.join(name_or_path, name)
-        raise ModelFilesNotFound(f"{name_or_path} is a folder without {LEARNED_EMBEDS_NAME}; pass the embedding file itself or the folder the training script wrote")
+        raise ModelFilesNotFound(
+            f"{name_or_path} is a folder without {LEARNED_EMBEDS_NAME}; pass the embedding file itself or the folder "
+            "the training script wrote"
+        )
     if os.path.isfile(name_or_path):
         return name_or_path
     if is_hub_repo_id(name_or_path):
         return resolve_model_file(name_or_path, LEARNED_EMBEDS_NAME, revision)
-    raise ModelFilesNotFound(f"{name_or_path} does not exist: pass a .safetensors file, a folder with {LEARNED_EMBEDS_NAME}, or a hub repo id")
+    raise ModelFilesNotFound(
+        f"{name_or_path} does not exist: pass a .safetensors file, a folder with {LEARNED_EMBEDS_NAME}, or a hub repo "
+        "id"
+    )
 
 
-def load_learned_embeds(name_or_path: str, token: str | None = None, revision: str | None = None) -> list[LearnedConcept]:
+def load_learned_embeds(
+    name_or_path: str, token: str | None = None, revision: str | None = None
+) -> list[LearnedConcept]:
     """Reads this project's file, a diffusers file ({token: (C,) or (n, C)}) or an A1111
     embedding (`string_to_param`, or `emb_params` in safetensors), from a file, a folder or a
     hub repo (`resolve_learned_embeds`). `token` renames the placeholder.
@@ -302,20 +345,30 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
         try:
             with safe_open(path, "pt") as f:
                 metadata = _decode_metadata(f.metadata())
-        except Exception:  # not readable: read_state_dict below names the problem
+        except (SafetensorError, OSError):  # not readable: read_state_dict below names the problem
             metadata = {}
     try:
         state = read_state_dict(path)
     except CheckpointError as e:
         if "pickled objects" not in str(e):
             raise
-        raise CheckpointError(f"{path} holds pickled objects other than tensors and is refused (only what torch.load(weights_only=True) rebuilds is read); convert it to .safetensors where you trust it") from e
+        raise CheckpointError(
+            f"{path} holds pickled objects other than tensors and is refused (only what torch.load(weights_only=True) "
+            "rebuilds is read); convert it to .safetensors where you trust it"
+        ) from e
     stem = os.path.splitext(os.path.basename(path))[0]
     if "string_to_param" in state:  # A1111: {"string_to_param": {"*": (n, C)}, "name": ...}
         params = state["string_to_param"]
         vectors = next(iter(params.values())) if isinstance(params, dict) and params else params
         name = state.get("name") if isinstance(state.get("name"), str) and state.get("name") else stem
-        metadata = {"format": "a1111", **{k: state[k] for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name") if isinstance(state.get(k), (str, int))}}
+        metadata = {
+            "format": "a1111",
+            **{
+                k: state[k]
+                for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+                if isinstance(state.get(k), (str, int))
+            },
+        }
         state = {f"<{name}>" if not name.startswith("<") else name: vectors}
     elif set(state) == {"emb_params"}:  # A1111 safetensors: the name is the file's
         metadata = {"format": "a1111", **metadata}
@@ -324,8 +377,13 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
         raise CheckpointError(f"{path} holds no embedding")
     mode = metadata.get("ti_mode", "input")
     if mode not in TI_MODES:
-        raise CheckpointError(f"{path}: unknown ti_mode {mode!r} in its metadata (known: {', '.join(TI_MODES)}); it was made by a newer version")
-    t5_inputs = {k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]}
+        raise CheckpointError(
+            f"{path}: unknown ti_mode {mode!r} in its metadata (known: {', '.join(TI_MODES)}); it was made by a newer "
+            "version"
+        )
+    t5_inputs = {
+        k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]
+    }
     concepts = []
     for name, vectors in state.items():
         if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
@@ -337,15 +395,21 @@ def load_learned_embeds(name_or_path: str, token: str | None = None, revision: s
         stored = metadata.get("tokens")
         if token is None and isinstance(stored, list) and stored and stored[0] == name:
             if len(stored) != vectors.shape[0] or not all(isinstance(t, str) for t in stored):
-                raise CheckpointError(f"{path}: metadata names {len(stored)} tokens for {vectors.shape[0]} vectors of {name!r}")
+                raise CheckpointError(
+                    f"{path}: metadata names {len(stored)} tokens for {vectors.shape[0]} vectors of {name!r}"
+                )
             tokens = list(stored)
         else:
             tokens = placeholder_tokens(placeholder, vectors.shape[0])
         t5_input = t5_inputs.get(name)
         if mode == "output" and (t5_input is None or tuple(t5_input.shape) != tuple(vectors.shape)):
-            raise CheckpointError(f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {tuple(vectors.shape)}")
+            raise CheckpointError(
+                f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {tuple(vectors.shape)}"
+            )
         t5_input = t5_input.float() if mode == "output" else None
-        concepts.append(LearnedConcept(placeholder, tokens, vectors, metadata, source=path, mode=mode, t5_input=t5_input))
+        concepts.append(
+            LearnedConcept(placeholder, tokens, vectors, metadata, source=path, mode=mode, t5_input=t5_input)
+        )
     if token is not None and len(concepts) > 1:
         raise ConceptError(f"{path} holds {len(concepts)} embeddings; a single --token cannot rename them all")
     return concepts
@@ -366,18 +430,21 @@ def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) 
         size = concept.vectors.shape[-1]
         if size != width:
             raise ConceptError(
-                f"{where}: {concept.placeholder} has vectors of size {size}, but the text encoder's embeddings have size {width}; "
-                "it was made for another text encoder (Stable Diffusion's CLIP uses 768/1024/1280, Infinity's flan-T5-XL 2048)"
+                f"{where}: {concept.placeholder} has vectors of size {size}, but the text encoder's embeddings have "
+                f"size {width}; "
+                "it was made for another text encoder (Stable Diffusion's CLIP uses 768/1024/1280, Infinity's "
+                "flan-T5-XL 2048)"
             )
         if concept.vectors.dim() != 2 or concept.vectors.shape[0] != len(concept.tokens):
-            raise ConceptError(f"{where}: {len(concept.tokens)} tokens for vectors of shape {tuple(concept.vectors.shape)}")
+            raise ConceptError(
+                f"{where}: {len(concept.tokens)} tokens for vectors of shape {tuple(concept.vectors.shape)}"
+            )
         for token in concept.tokens:
-            if not token.strip() or any(c.isspace() for c in token):
-                raise ConceptError(f"{where}: token {token!r} must be one word without spaces, e.g. <my-dog>")
             if token in seen:
-                raise ConceptError(f"{token!r} is loaded twice ({seen[token]} and {where}); give one of them another name (--token)")
-            if token in vocab or SPACE_PIECE + token in vocab:
-                raise ConceptError(f"{token!r} from {where} is already in the tokenizer's vocabulary; load it under a new name (--token <{token.strip('<>')}-concept>)")
+                raise ConceptError(
+                    f"{token!r} is loaded twice ({seen[token]} and {where}); give one of them another name (--token)"
+                )
+            check_new_token(token, vocab, where, fix="load it under a new name with --token,")
             seen[token] = where
     ids = {}
     for concept in concepts:

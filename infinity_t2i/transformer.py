@@ -15,13 +15,13 @@ in float32; the blocks' matmuls and attention kernels run in the blocks' dtype (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch import nn
 
 from .config import InfinityConfig
 from .resolution import ScaleSchedule
@@ -108,7 +108,9 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lengths: Sequence[int]) -> torch.Tensor:
+def block_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lengths: Sequence[int]
+) -> torch.Tensor:
     """Softmax attention (scale 1) where the queries of each scale see every key up to the end of
     their own scale: the block-causal mask, computed without a mask, so that every call can run
     a dense (flash) kernel and no masked-out score is ever computed. q, k, v: B, H, L, c."""
@@ -244,7 +246,7 @@ class InfinityTransformer(nn.Module):
     def blocks(self) -> list[CrossAttnBlock]:
         return [block for chunk in self.block_chunks for block in chunk.module]
 
-    def set_block_dtype(self, dtype: torch.dtype) -> "InfinityTransformer":
+    def set_block_dtype(self, dtype: torch.dtype) -> InfinityTransformer:
         """Casts the blocks only; the float32 parts stay float32 (the official bf16 inference)."""
         self.block_chunks.to(dtype)
         return self
@@ -255,7 +257,9 @@ class InfinityTransformer(nn.Module):
         rows = self.cfg_uncond[: text.features.shape[1]]
         return TextCondition(rows.unsqueeze(0).expand(text.batch_size, -1, -1), text.mask)
 
-    def drop_condition(self, text: TextCondition, rate: float, generator: torch.Generator | None = None) -> TextCondition:
+    def drop_condition(
+        self, text: TextCondition, rate: float, generator: torch.Generator | None = None
+    ) -> TextCondition:
         """Replaces each sample's prompt by the unconditional one with probability `rate`."""
         if rate <= 0:
             return text

@@ -7,11 +7,11 @@ state dict (convs and norms sit one level down, `conv_in.conv.weight`, `norm1.no
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import VAEConfig
 from .multiscale import Grid, residual_quantize, summed_codes_from_bits

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 import infer_textual_inversion as infer
 import train_textual_inversion_infinity as train
+from infinity_t2i.grids import labelled_grid
 from infinity_t2i.pipeline import InfinityPipeline, generate_images
 from infinity_t2i.resolution import get_schedule
 from infinity_t2i.text import SPACE_PIECE, tokenize
@@ -57,7 +58,8 @@ def _train(tiny_pipeline_dir, tmp_path_factory):
     train.main(train.parse_args([
         "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(data),
         "--placeholder_token", PLACEHOLDER, "--initializer_token", "dog", "--output_dir", str(out),
-        "--pn", "0.06M", "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--learning_rate", "0.5", "--ti_mode", "input",
+        "--pn", "0.06M", "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--learning_rate", "0.5",
+        "--ti_mode", "input",
         "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_steps", "1", "--num_validation_images", "2",
         "--checkpointing_steps", "1000", "--save_steps", "1000",
     ]))  # fmt: skip
@@ -67,7 +69,10 @@ def _train(tiny_pipeline_dir, tmp_path_factory):
 def write_concept(path, placeholder, num_vectors, seed=0, width=WIDTH, **metadata):
     vectors = torch.randn(num_vectors, width, generator=torch.Generator().manual_seed(seed))
     tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
-    save_learned_embeds(str(path), LearnedConcept(placeholder, tokens, vectors, {"initializer_token": "cat", "model_type": "custom", **metadata}))
+    save_learned_embeds(
+        str(path),
+        LearnedConcept(placeholder, tokens, vectors, {"initializer_token": "cat", "model_type": "custom", **metadata}),
+    )
     return vectors
 
 
@@ -105,7 +110,11 @@ def test_trained_embedding_swaps_in_only_at_the_placeholder(trained, tiny_pipeli
     base = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
     pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
     (concept,) = load_learned_embeds(str(trained))  # the folder the training script wrote
-    assert concept.tokens == [PLACEHOLDER] and concept.metadata["initializer_token"] == "dog" and concept.metadata["step"] == 1
+    assert (
+        concept.tokens == [PLACEHOLDER]
+        and concept.metadata["initializer_token"] == "dog"
+        and concept.metadata["step"] == 1
+    )
     ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, [concept])
     assert ids == {PLACEHOLDER: [len(base.tokenizer)]}
 
@@ -114,7 +123,9 @@ def test_trained_embedding_swaps_in_only_at_the_placeholder(trained, tiny_pipeli
     dog_ids, dog_mask = tokenize(base.tokenizer, [reference])
     assert learned_ids.shape == dog_ids.shape and torch.equal(mask, dog_mask)
     (k,) = torch.nonzero(learned_ids[0] != dog_ids[0]).flatten().tolist()  # one position differs
-    assert learned_ids[0, k] == ids[PLACEHOLDER][0] and dog_ids[0, k] == base.tokenizer.convert_tokens_to_ids(SPACE_PIECE + "dog")
+    assert learned_ids[0, k] == ids[PLACEHOLDER][0] and dog_ids[0, k] == base.tokenizer.convert_tokens_to_ids(
+        SPACE_PIECE + "dog"
+    )
 
     # the T5 input: the base model's rows everywhere, the learned vector at the placeholder
     embeds = base.text_encoder.get_input_embeddings()(dog_ids)
@@ -142,11 +153,15 @@ def test_multi_vector_expansion_and_two_embeddings(trained, tiny_pipeline_dir, t
     ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
     n = len(pipe.tokenizer) - 4
     assert ids == {PLACEHOLDER: [n], "<duo>": [n + 1, n + 2, n + 3]}
-    encoded = infer.expand_placeholders(f"a {PLACEHOLDER} and a <duo>, dog", {c.placeholder: c.tokens for c in concepts})
+    encoded = infer.expand_placeholders(
+        f"a {PLACEHOLDER} and a <duo>, dog", {c.placeholder: c.tokens for c in concepts}
+    )
     assert encoded == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog"
     input_ids = tokenize(pipe.tokenizer, [encoded])[0][0].tolist()
     k = input_ids.index(n + 1)
-    assert input_ids[k : k + 3] == [n + 1, n + 2, n + 3] and pipe.tokenizer.convert_ids_to_tokens(input_ids[k + 3]) == ","
+    assert (
+        input_ids[k : k + 3] == [n + 1, n + 2, n + 3] and pipe.tokenizer.convert_ids_to_tokens(input_ids[k + 3]) == ","
+    )
     embedding = pipe.text_encoder.get_input_embeddings()
     assert torch.equal(embedding(torch.tensor(input_ids[k : k + 3])), duo)
     assert torch.equal(embedding(torch.tensor([n]))[0], concepts[0].vectors[0])
@@ -165,9 +180,12 @@ def test_two_embeddings_in_one_run_and_the_per_token_scale(trained, tiny_pipelin
 
     monkeypatch.setattr(InfinityPipeline, "encode_prompt", spy)
     settings = run(tiny_pipeline_dir, [trained, tmp_path / "duo.safetensors"], tmp_path / "out", "--cfg", "1",
-                   "--prompt", f"a {PLACEHOLDER} and a <duo>:0.5, dog", "--prompt", f"a <duo> on a {PLACEHOLDER}")  # fmt: skip
+                   "--prompt", f"a {PLACEHOLDER} and a <duo>:0.5, dog",
+                   "--prompt", f"a <duo> on a {PLACEHOLDER}")  # fmt: skip
     first, second = settings["prompts"]
-    assert first["encoded_prompt"] == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog" and first["scales"] == {"<duo>": 0.5}
+    assert first["encoded_prompt"] == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog" and first["scales"] == {
+        "<duo>": 0.5
+    }
     assert second["encoded_prompt"] == f"a <duo> <duo>_1 <duo>_2 on a {PLACEHOLDER}" and second["scales"] == {}
     assert first["concepts"] == [PLACEHOLDER, "<duo>"]
     assert [e["placeholder"] for e in settings["embeddings"]] == [PLACEHOLDER, "<duo>"]
@@ -201,9 +219,18 @@ def test_diffusers_and_a1111_files_load(tiny_pipeline_dir, tmp_path):
     (a1111,) = load_learned_embeds(str(tmp_path / "kitty.pt"))
     (a1111_st,) = load_learned_embeds(str(tmp_path / "puppy.safetensors"))
     (renamed,) = load_learned_embeds(str(tmp_path / "kitty.pt"), token="<tabby>")
-    assert diffusers.placeholder == "<cat-toy>" and diffusers.tokens == ["<cat-toy>"] and torch.equal(diffusers.vectors, vector[None])
+    assert (
+        diffusers.placeholder == "<cat-toy>"
+        and diffusers.tokens == ["<cat-toy>"]
+        and torch.equal(diffusers.vectors, vector[None])
+    )
     assert torch.equal(pickled.vectors, diffusers.vectors)
-    assert a1111.tokens == ["<kitty>", "<kitty>_1"] and a1111.metadata == {"format": "a1111", "name": "kitty", "step": 100, "sd_checkpoint_name": "sd15"}
+    assert a1111.tokens == ["<kitty>", "<kitty>_1"] and a1111.metadata == {
+        "format": "a1111",
+        "name": "kitty",
+        "step": 100,
+        "sd_checkpoint_name": "sd15",
+    }
     assert a1111_st.tokens == ["<puppy>"]
     assert renamed.tokens == ["<tabby>", "<tabby>_1"] and torch.equal(renamed.vectors, a1111.vectors)
     pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
@@ -222,11 +249,11 @@ def test_images_equal_the_training_scripts_validation(trained, tiny_pipeline_dir
     grid exactly."""
     out = tmp_path / "out"
     run(tiny_pipeline_dir, trained, out, "--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
-    grid = pixels(trained / "validation" / "step-000001.png")
-    assert grid.shape == (64, 128, 3)
-    for i in range(2):
-        image = pixels(out / f"a-photo-of-a-blob_seed0_{i}.png")
-        assert image.shape == (64, 64, 3) and np.array_equal(image, grid[:, 64 * i : 64 * (i + 1)])
+    images = [Image.open(out / f"a-photo-of-a-blob_seed0_{i}.png") for i in range(2)]
+    assert [im.size for im in images] == [(64, 64)] * 2
+    labels = {"row_labels": [f"a photo of a {PLACEHOLDER}"], "column_labels": ["seed 0", "seed 1"]}
+    expected = labelled_grid([images], **labels, title=f"{PLACEHOLDER}, step 1")
+    assert np.array_equal(pixels(trained / "validation" / "step-000001.png"), np.asarray(expected))
 
 
 @pytest.mark.usefixtures("fast")
@@ -234,7 +261,17 @@ def test_same_seed_same_images_other_seed_different(trained, tiny_pipeline_dir, 
     prompt = ("--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
     for name, batch_size in (("a", "2"), ("again", "2"), ("b", "1")):
         run(tiny_pipeline_dir, trained, tmp_path / name, *prompt, "--batch_size", batch_size)
-    run(tiny_pipeline_dir, trained, tmp_path / "c", "--prompt", f"a photo of a {PLACEHOLDER}", "--seed", "1", "--batch_size", "1")
+    run(
+        tiny_pipeline_dir,
+        trained,
+        tmp_path / "c",
+        "--prompt",
+        f"a photo of a {PLACEHOLDER}",
+        "--seed",
+        "1",
+        "--batch_size",
+        "1",
+    )
 
     def images(name, seed=0, n=2):
         return [pixels(tmp_path / name / f"a-photo-of-a-blob_seed{seed}_{i}.png").astype(int) for i in range(n)]
@@ -252,24 +289,45 @@ def test_files_grids_and_settings_are_written(trained, tiny_pipeline_dir, tmp_pa
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text(f"\n{PLACEHOLDER} in a garden\n\n")
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, trained, out, "--prompt", f"A photo of a {PLACEHOLDER} on the beach", "--prompt_file", str(prompt_file),
-        "--num_images", "3", "--batch_size", "2", "--h_div_w", "0.52", "--compare", "--negative_prompt", "blurry")  # fmt: skip
+    run(tiny_pipeline_dir, trained, out, "--prompt", f"A photo of a {PLACEHOLDER} on the beach",
+        "--prompt_file", str(prompt_file), "--num_images", "3", "--batch_size", "2", "--h_div_w", "0.52",
+        "--compare", "--negative_prompt", "blurry")  # fmt: skip
     captured = capsys.readouterr()
     slugs = ["a-photo-of-a-blob-on-the-beach", "blob-in-a-garden"]
-    expected = {f"{s}_seed0_{i}.png" for s in slugs for i in range(3)} | {f"{s}_{kind}.png" for s in slugs for kind in ("grid", "compare")}
+    expected = {f"{s}_seed0_{i}.png" for s in slugs for i in range(3)} | {
+        f"{s}_{kind}.png" for s in slugs for kind in ("grid", "compare")
+    }
     assert set(os.listdir(out)) == expected | {"settings.json"}
     size = (64, 32)  # (w, h): h/w 0.52 -> the 1:2 template, 3 scales
     assert Image.open(out / f"{slugs[0]}_seed0_0.png").size == size
-    assert Image.open(out / f"{slugs[0]}_grid.png").size == (3 * size[0], size[1])  # 3 images: one row
-    assert Image.open(out / f"{slugs[0]}_compare.png").size == (2 * size[0], 3 * size[1])  # a row per seed
+    images = [Image.open(out / f"{slugs[0]}_seed0_{i}.png") for i in range(3)]
+    prompt = f"A photo of a {PLACEHOLDER} on the beach"
+    grid = pixels(out / f"{slugs[0]}_grid.png")  # the 3 images in one row, upscaled 4x, titled
+    assert np.array_equal(grid, np.asarray(labelled_grid([images], title=f"{prompt} (seeds 0-2, row by row)")))
+    # a row per seed: the learned token's image under its prompt, the word's beside it under "... blob ..."
     compare = pixels(out / f"{slugs[0]}_compare.png")
-    assert np.array_equal(compare[size[1] : 2 * size[1], : size[0]], pixels(out / f"{slugs[0]}_seed0_1.png"))
+    labels = {"row_labels": ["seed 0", "seed 1", "seed 2"], "column_labels": [prompt, "A photo of a dog on the beach"]}
+    learned_column = np.asarray(labelled_grid([[im, im] for im in images], **labels))
+    assert compare.shape == learned_column.shape
+    left = compare.shape[1] - 4 * size[0]  # all but the last column (cells are 4 x 64 wide)
+    assert np.array_equal(compare[:, :left], learned_column[:, :left])
+    assert not np.array_equal(compare[:, left:], learned_column[:, left:])
     settings = json.loads((out / "settings.json").read_text())
     assert settings["args"]["num_images"] == 3 and settings["args"]["seed"] == 0 and settings["args"]["compare"]
     assert settings["h_div_w_template"] == 0.5 and settings["image_size"] == [32, 64] and settings["dtype"] == "float32"
-    assert settings["sampling"] == {"cfg": 3.0, "tau": 1.0, "top_k": 900, "top_p": 0.97, "cfg_insertion_layer": 0, "bit_sampling": settings["sampling"]["bit_sampling"]}
+    assert settings["sampling"] == {
+        "cfg": 3.0,
+        "tau": 1.0,
+        "top_k": 900,
+        "top_p": 0.97,
+        "cfg_insertion_layer": 0,
+        "bit_sampling": settings["sampling"]["bit_sampling"],
+    }
     (embedding,) = settings["embeddings"]
-    assert embedding["metadata"]["base_model"] == str(tiny_pipeline_dir) and embedding["metadata"]["initializer_token"] == "dog"
+    assert (
+        embedding["metadata"]["base_model"] == str(tiny_pipeline_dir)
+        and embedding["metadata"]["initializer_token"] == "dog"
+    )
     assert embedding["file"] == str(trained / "learned_embeds.safetensors") and embedding["tokens"] == [PLACEHOLDER]
     first = settings["prompts"][0]
     assert first["images"] == [f"{slugs[0]}_seed0_{i}.png" for i in range(3)] and first["seeds"] == [0, 1, 2]
@@ -295,8 +353,9 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
     save_file({"<cat-toy>": torch.randn(WIDTH)}, tmp_path / "diffusers.safetensors")  # no metadata
     write_concept(tmp_path / "big.safetensors", "<big>", 1, model_type="infinity_8b")
     out = tmp_path / "out"
-    settings = run(tiny_pipeline_dir, [tmp_path / "diffusers.safetensors", tmp_path / "big.safetensors"], out, "--compare", "--force",
-                   "--dtype", "bfloat16", "--prompt", "a <cat-toy>", "--prompt", "a <big>")  # fmt: skip
+    settings = run(tiny_pipeline_dir, [tmp_path / "diffusers.safetensors", tmp_path / "big.safetensors"], out,
+                   "--compare", "--force", "--dtype", "bfloat16",
+                   "--prompt", "a <cat-toy>", "--prompt", "a <big>")  # fmt: skip
     assert "<cat-toy>" in caplog.text and "records no initializer_token" in caplog.text
     assert "--force: using it anyway" in caplog.text and "infinity_8b" in caplog.text
     assert not os.path.exists(out / "a-cat-toy_compare.png") and os.path.exists(out / "a-big_compare.png")
@@ -308,9 +367,21 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
     [
         ("clip", [], "has vectors of size 768, but the text encoder's embeddings have size 128"),
         ("8b", [], "was trained for model_type infinity_8b (this run: custom); load that model, or pass --force"),
-        ("hub-names", ["--text_encoder_name_or_path", "google/flan-t5-xl"], "text_encoder google/t5-v1_1-xl (this run: google/flan-t5-xl)"),
-        ("hub-names", ["--pretrained_model_name_or_path", "someone/infinity-finetune"], "base_model FoundationVision/Infinity (this run: someone/infinity-finetune)"),
-        ("ok", ["--token", "dog"], "'dog' from"),
+        (
+            "hub-names",
+            ["--text_encoder_name_or_path", "google/flan-t5-xl"],
+            "text_encoder google/t5-v1_1-xl (this run: google/flan-t5-xl)",
+        ),
+        (
+            "hub-names",
+            ["--pretrained_model_name_or_path", "someone/infinity-finetune"],
+            "base_model FoundationVision/Infinity (this run: someone/infinity-finetune)",
+        ),
+        (
+            "ok",
+            ["--token", "dog"],
+            "'dog' is already in the tokenizer's vocabulary; load it under a new name with --token",
+        ),
         ("twice", [], "is loaded twice"),
         ("missing", [], "does not exist"),
         ("empty-dir", [], "is a folder without learned_embeds.safetensors"),
@@ -320,10 +391,17 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
         ("ok", ["--prompt", "a <ok>:1 and <ok>:2"], "two scales"),
         ("ok", ["--token", "a", "--token", "b"], "2 --token for 1 --learned_embeds"),
         ("output-is-a-file", [], "--output_dir: "),
-        pytest.param("ok", ["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine")),
+        pytest.param(
+            "ok",
+            ["--device", "cuda"],
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine"),
+        ),
     ],
 )
-def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case, extra, message):
+def test_bad_input_fails_with_one_line_and_writes_nothing(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case, extra, message
+):
     embeds = tmp_path / "embeds.safetensors"
     if case == "clip":
         save_file({"<sd-cat>": torch.randn(1, 768)}, embeds)

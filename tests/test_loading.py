@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import build_tiny_models
 from safetensors.torch import save_file
 
 from infinity_t2i.config import MODEL_CONFIG_NAME
@@ -21,6 +20,7 @@ from infinity_t2i.loading import (
 from infinity_t2i.pipeline import InfinityPipeline, load_transformer, load_vae, resolve_preset
 from infinity_t2i.resolution import get_schedule
 from infinity_t2i.transformer import InfinityTransformer
+from toy_infinity.tiny import build_tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,14 @@ def test_block_dtype_is_applied_while_loading(tiny, tmp_path):
 
 def test_official_vae_file_with_plain_names_loads(tiny, tmp_path):
     _, vae = tiny
-    plain = {k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias").replace(".norm.weight", ".weight").replace(".norm.bias", ".bias"): v for k, v in vae.state_dict().items() if "lfq" not in k}
+    plain = {
+        k.replace(".conv.weight", ".weight")
+        .replace(".conv.bias", ".bias")
+        .replace(".norm.weight", ".weight")
+        .replace(".norm.bias", ".bias"): v
+        for k, v in vae.state_dict().items()
+        if "lfq" not in k
+    }
     assert "encoder.conv_in.weight" in plain and "encoder.down.0.block.0.norm1.weight" in plain
     path = tmp_path / "vae.pth"
     torch.save({"vae": plain}, path)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from helpers import build_tiny_models
 
 from infinity_t2i.multiscale import (
     bits_to_codes,
@@ -13,9 +12,10 @@ from infinity_t2i.multiscale import (
     upsample_codes,
 )
 from infinity_t2i.resolution import get_schedule
-from infinity_t2i.sampling import sample, sample_bits_from_logits
+from infinity_t2i.sampling import SamplingSettings, sample, sample_bits_from_logits
 from infinity_t2i.text import TextCondition
 from infinity_t2i.training import bitwise_loss, make_training_inputs
+from toy_infinity.tiny import build_tiny_models
 
 
 def random_text(batch, channels, lens, seed=0):
@@ -42,7 +42,8 @@ def test_kv_cached_sampling_equals_teacher_forcing(patchify, cfg):
     model, _ = build_tiny_models(seed=1, spatial_patchify=patchify)
     schedule = get_schedule(0.75, "0.06M").prefix(5)  # non-square: (1,1) (2,2) (3,4) (6,8) (9,12)
     text = random_text(2, model.config.text_channels, [5, 9])
-    out = sample(model, text, schedule, cfg=cfg, tau=0.7, generator=torch.Generator().manual_seed(0), return_logits=True)
+    settings = SamplingSettings(cfg=cfg, tau=0.7)
+    out = sample(model, text, schedule, settings, generator=torch.Generator().manual_seed(0), return_logits=True)
     assert [tuple(b.shape[1:3]) for b in out.bits] == list(schedule.vae_grids(patchify))
     head = torch.cat(out.head_logits, dim=1)
     x_tokens = teacher_forcing_inputs(out.bits, schedule, patchify)
@@ -73,7 +74,7 @@ def test_same_seed_same_bits_other_seed_other_bits():
     model, _ = build_tiny_models(seed=2)
     schedule = get_schedule(1.0, "0.06M").prefix(4)
     text = random_text(1, model.config.text_channels, [6])
-    run = lambda seed: sample(model, text, schedule, generator=torch.Generator().manual_seed(seed)).bits  # noqa: E731
+    run = lambda seed: sample(model, text, schedule, generator=torch.Generator().manual_seed(seed)).bits
     a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -84,8 +85,9 @@ def test_negative_prompt_changes_only_the_unconditional_half():
     schedule = get_schedule(1.0, "0.06M").prefix(3)
     text = random_text(2, model.config.text_channels, [4, 7])
     negative = random_text(2, model.config.text_channels, [3, 11], seed=5)
-    out = sample(model, text, schedule, negative_text=negative, cfg=3.0, top_k=1, return_logits=True)
-    plain = sample(model, text, schedule, cfg=3.0, top_k=1, return_logits=True)
+    greedy = SamplingSettings(cfg=3.0, top_k=1)
+    out = sample(model, text, schedule, greedy, negative_text=negative, return_logits=True)
+    plain = sample(model, text, schedule, greedy, return_logits=True)
     assert torch.allclose(out.head_logits[0][:2], plain.head_logits[0][:2], atol=1e-6)  # same prompt rows
     assert not torch.allclose(out.head_logits[0][2:], plain.head_logits[0][2:])
 
@@ -125,7 +127,10 @@ def test_text_padding_and_packing_do_not_change_the_output():
     model, _ = build_tiny_models(seed=5)
     schedule = get_schedule(1.0, "0.06M").prefix(3)
     text = random_text(2, model.config.text_channels, [4, 6])
-    padded = TextCondition(torch.cat([text.features, torch.randn(2, 5, text.features.shape[-1])], 1), torch.cat([text.mask, torch.zeros(2, 5, dtype=bool)], 1))
+    padded = TextCondition(
+        torch.cat([text.features, torch.randn(2, 5, text.features.shape[-1])], 1),
+        torch.cat([text.mask, torch.zeros(2, 5, dtype=bool)], 1),
+    )
     kv, lens, cu, max_len = text.packed()
     assert lens == [4, 6] and cu.tolist() == [0, 4, 10] and max_len == 6 and kv.shape == (10, text.features.shape[-1])
     x = torch.randn(2, schedule.total_len - 1, model.config.bits_per_token)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ from infinity_t2i.multiscale import bits_to_tokens, residual_quantize, summed_co
 from infinity_t2i.pipeline import to_uint8
 from infinity_t2i.resolution import TEMPLATE_GRIDS, ScaleSchedule, nearest_template
 from infinity_t2i.rope import rope_table
-from infinity_t2i.sampling import sample
+from infinity_t2i.sampling import SamplingSettings, sample
 from infinity_t2i.text import TextCondition
 from infinity_t2i.training import bitwise_loss, make_training_inputs, per_scale_metrics
 from infinity_t2i.transformer import InfinityTransformer
@@ -68,7 +68,9 @@ class Reference:
         sched = self.config["scale_schedule"]
         template = nearest_template(float(self.config["image"]["h_div_w_template"]))
         rope_grid = TEMPLATE_GRIDS[template][-1]
-        assert list(rope_grid) == sched["rope_reference_1M_schedule"][-1][1:], "template's 1M grid differs from the reference"
+        assert list(rope_grid) == sched["rope_reference_1M_schedule"][-1][1:], (
+            "template's 1M grid differs from the reference"
+        )
         self.schedule = ScaleSchedule([tuple(s[1:]) for s in sched["transformer"]], rope_grid)
         assert [list(g) for g in self.schedule.vae_grids(self.patchify)] == [s[1:] for s in sched["vae"]]
         self.text = TextCondition(self.out["input.text_features"], self.out["input.text_mask"])
@@ -78,7 +80,7 @@ class Reference:
         return [self.out[f"{prefix}.bits.s{s}"][:, 0] for s in range(len(self.schedule))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_reference(directory: str) -> Reference:
     return Reference(directory)
 
@@ -110,7 +112,12 @@ def test_vae_encode_decode(ref):
         assert torch.equal(mine, theirs), f"VAE bits of scale {s} differ at {(mine != theirs).sum().item()} places"
     assert_close(rq.summed_codes, out["vae.z"], atol=1e-5, what="summed codes")
     assert_close(ref.vae.decode(out["vae.z"]), out["vae.recon"], atol=1e-5, what="decode")
-    assert_close(summed_codes_from_bits(ref.bits("vae")), out["vae.summed_codes_from_bits"][:, :, 0], atol=1e-6, what="codes from bits")
+    assert_close(
+        summed_codes_from_bits(ref.bits("vae")),
+        out["vae.summed_codes_from_bits"][:, :, 0],
+        atol=1e-6,
+        what="codes from bits",
+    )
     assert_close(ref.vae.decode_bits(ref.bits("vae")), out["vae.recon"], atol=1e-4, what="decode from bits")
 
 
@@ -129,7 +136,10 @@ def test_training_step(ref):
     assert text.packed()[1] == lens and torch.equal(text.packed()[2], out["input.cu_seqlens_k"])
 
     block_outputs = {}
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: block_outputs.__setitem__(k, o)) for k, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, k=k: block_outputs.__setitem__(k, o))
+        for k, b in enumerate(model.blocks)
+    ]
     try:
         c = model.condition(text)
         logits = model(text, inputs.x_tokens, ref.schedule)
@@ -149,7 +159,9 @@ def test_training_step(ref):
     assert_close(reweighted, out["train.loss_reweighted_by_scale"], atol=0, rtol=1e-5, what="reweighted loss")
     metrics = per_scale_metrics(logits, inputs.labels, ref.schedule)
     assert_close(metrics["loss"], out["train.loss_per_scale"], atol=1e-5, what="per-scale loss")
-    assert_close(100 * metrics["bit_accuracy"], out["train.acc_bit_per_scale"], atol=1e-3, what="per-scale bit accuracy")
+    assert_close(
+        100 * metrics["bit_accuracy"], out["train.acc_bit_per_scale"], atol=1e-3, what="per-scale bit accuracy"
+    )
 
     loss.backward()
     grad_ref = out["train.grad.kv_compact"]
@@ -174,12 +186,14 @@ def test_inference(directory, variant):
         ref.transformer,
         ref.text,
         ref.schedule,
+        SamplingSettings(
+            cfg=args["cfg_list"],
+            tau=args["tau_list"],
+            top_k=args["top_k"],
+            top_p=args["top_p"],
+            cfg_insertion_layer=args["cfg_insertion_layer"],
+        ),
         negative_text=ref.negative_text if args["negative_label_B_or_BLT"] else None,
-        cfg=args["cfg_list"],
-        tau=args["tau_list"],
-        top_k=args["top_k"],
-        top_p=args["top_p"],
-        cfg_insertion_layer=args["cfg_insertion_layer"],
         generator=torch.Generator().manual_seed(args["g_seed"]),
         return_logits=True,
     )

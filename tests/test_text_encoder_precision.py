@@ -36,7 +36,8 @@ def test_training_through_a_float16_t5(tiny_pipeline_dir, concept_dir, tmp_path)
     train.main(train.parse_args([
         "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
         "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(out), "--pn", "0.06M",
-        "--repeats", "1", "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--text_encoder_dtype", "float16",
+        "--repeats", "1", "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input",
+        "--text_encoder_dtype", "float16",
     ]))  # fmt: skip
     from infinity_t2i.textual_inversion import load_learned_embeds
 
@@ -65,7 +66,8 @@ def test_learned_input_vectors_enter_t5_in_its_dtype_under_mixed_precision(
     try:
         train.main(train.parse_args([
             "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
-            "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M",
+            "--placeholder_token", "<blob>", "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"),
+            "--pn", "0.06M",
             "--repeats", "1", "--seed", "0", "--max_train_steps", "1", "--ti_mode", "input",
             "--mixed_precision", "bf16", "--text_encoder_dtype", "bfloat16",
         ]))  # fmt: skip
@@ -100,7 +102,8 @@ def test_gradient_checkpointing_trains_through_t5_without_its_dropout(
     monkeypatch.setattr(train, "encode_prompt", encode_twice)
     train.main(
         train.parse_args(
-            ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(concept_dir), "--placeholder_token", "<blob>",
+            ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(concept_dir),
+             "--placeholder_token", "<blob>",
              "--initializer_token", "dog", "--output_dir", str(tmp_path / "out"), "--pn", "0.06M", "--repeats", "2",
              "--seed", "0", "--max_train_steps", "2", "--ti_mode", "input", "--gradient_checkpointing"]
         )

@@ -29,7 +29,10 @@ def test_placeholder_tokens_and_expansion():
     assert placeholder_tokens("<cat>", 1) == ["<cat>"]
     tokens = placeholder_tokens("<cat>", 3)
     assert tokens == ["<cat>", "<cat>_1", "<cat>_2"]
-    assert expand_placeholders("a <cat> and a <cat>, sleeping", {"<cat>": tokens}) == "a <cat> <cat>_1 <cat>_2 and a <cat> <cat>_1 <cat>_2, sleeping"
+    assert (
+        expand_placeholders("a <cat> and a <cat>, sleeping", {"<cat>": tokens})
+        == "a <cat> <cat>_1 <cat>_2 and a <cat> <cat>_1 <cat>_2, sleeping"
+    )
     # prompts name the placeholder only; its numbered tokens are never expanded again
     assert expand_placeholders("a <cat>_1", {"<cat>": tokens}) == "a <cat>_1"
     assert expand_placeholders("a <cat>", {"<cat>": ["<cat>"]}) == "a <cat>"
@@ -108,7 +111,9 @@ def test_held_norm_vectors_keep_their_norms_and_turn_by_about_the_learning_rate(
     assert torch.allclose(angle[0], angle[1], rtol=0.3)  # the step does not depend on the norm
 
 
-@pytest.mark.parametrize("template", OBJECT_TEMPLATES + STYLE_TEMPLATES + ["{}, on a table.", "a {}: close up", "({}) in snow"])
+@pytest.mark.parametrize(
+    "template", OBJECT_TEMPLATES + STYLE_TEMPLATES + ["{}, on a table.", "a {}: close up", "({}) in snow"]
+)
 def test_templated_prompts_tokenize_without_stray_boundary_pieces(t5, template):
     tokenizer, _ = t5
     tokens = placeholder_tokens("<cat>", 2)
@@ -149,7 +154,9 @@ def test_swapped_in_vectors_equal_written_rows_and_padding_changes_nothing(t5):
         written = encode_prompt(tokenizer, text_encoder, prompts)
         input_ids, mask = tokenize(tokenizer, prompts)
         padded = torch.nn.functional.pad(input_ids, (0, 512 - input_ids.shape[1]), value=tokenizer.pad_token_id)
-        full = text_encoder(input_ids=padded, attention_mask=torch.nn.functional.pad(mask, (0, 512 - mask.shape[1]))).last_hidden_state
+        full = text_encoder(
+            input_ids=padded, attention_mask=torch.nn.functional.pad(mask, (0, 512 - mask.shape[1]))
+        ).last_hidden_state
     assert torch.allclose(swapped.features, written.features, atol=1e-6)
     real = written.mask
     assert torch.allclose(written.features[real], full[:, : real.shape[1]][real], atol=1e-5)  # 512 padding: same rows

@@ -99,8 +99,9 @@ def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir,
     width = pipe.text_encoder.config.d_model
     g = torch.Generator().manual_seed(0)
     as_input = LearnedConcept("<in>", ["<in>"], torch.randn(1, width, generator=g), {"initializer_token": "dog"})
-    as_output = LearnedConcept("<out>", ["<out>", "<out>_1"], torch.randn(2, width, generator=g), {"initializer_token": "cat"},
-                               mode="output", t5_input=torch.randn(2, width, generator=g))  # fmt: skip
+    as_output = LearnedConcept("<out>", ["<out>", "<out>_1"], torch.randn(2, width, generator=g),
+                               {"initializer_token": "cat"}, mode="output",
+                               t5_input=torch.randn(2, width, generator=g))  # fmt: skip
     files = []
     for c in (as_input, as_output):
         files.append(str(tmp_path / f"{c.placeholder.strip('<>')}.safetensors"))

@@ -7,11 +7,12 @@ import os
 
 import numpy as np
 import pytest
-import toy_world
 from conftest import ROOT
-from toy_fidelity import FidelityScorer, before_and_after, concept_images, generate, other_objects, train_concept
 
 from infinity_t2i.pipeline import InfinityPipeline
+from toy_infinity import world as toy_world
+from toy_infinity.fidelity import before_and_after, concept_images, generate, other_objects, train_concept
+from toy_infinity.recogniser import FidelityScorer
 
 EXAMPLES = os.path.join(ROOT, "examples")
 TOY_MODEL = os.path.join(EXAMPLES, "toy-infinity")
@@ -49,7 +50,10 @@ def test_held_out_pairings_never_appear_in_pretraining_but_their_parts_do():
     for concept in toy_world.HELD_OUT_CONCEPTS.values():
         assert not any((o.kind, o.colour) == (concept.kind, concept.colour) for o in objects)
         assert not any(f"{concept.colour} {concept.kind}" in caption for caption in captions)
-        assert sum(o.kind == concept.kind for o in objects) > 300 and sum(o.colour == concept.colour for o in objects) > 200
+        assert (
+            sum(o.kind == concept.kind for o in objects) > 300
+            and sum(o.colour == concept.colour for o in objects) > 200
+        )
     words = {w for caption in captions for w in caption.split()}
     assert set(toy_world.COLOURS) <= words and set(toy_world.KINDS) <= words
 

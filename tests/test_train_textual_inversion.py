@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 
 import train_textual_inversion_infinity as train
 from infinity_t2i.pipeline import InfinityPipeline
+from toy_infinity.tiny import build_tiny_clip
 
 SCRIPT = os.path.join(ROOT, "train_textual_inversion_infinity.py")
 PLACEHOLDER = "<blob>"
@@ -54,23 +56,33 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
            "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT,
            *train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "2",
                        "--checkpointing_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
-                       "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_prompt", f"a {PLACEHOLDER} on the beach")]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       "--validation_prompt", f"a photo of a {PLACEHOLDER}",
+                       "--validation_prompt", f"a {PLACEHOLDER} on the beach")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     files = set(os.listdir(out))
     assert {"learned_embeds.safetensors", "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors",
-            "token_identifier.txt", "type_of_concept.txt", "README.md", "checkpoint-2", "checkpoint-4", "validation", "logs"} <= files  # fmt: skip
+            "token_identifier.txt", "type_of_concept.txt", "README.md", "checkpoint-2", "checkpoint-4",
+            "validation", "logs"} <= files  # fmt: skip
     assert not [f for f in files if f.endswith(".tmp")]
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         # the default output mode: 4 learned output vectors and the fixed T5 input rows ("dog" is one piece)
-        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (4, 128)
+        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (
+            4,
+            128,
+        )
         meta = f.metadata()
     assert json.loads(meta["tokens"]) == [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in (1, 2, 3)]
     assert meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
     assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
-    assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (out / "type_of_concept.txt").read_text() == "object"
-    assert meta["model_type"] == "custom" and meta["ti_mode"] == "output"  # the folder's config decides, not --model_type
+    assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (
+        out / "type_of_concept.txt"
+    ).read_text() == "object"
+    assert (
+        meta["model_type"] == "custom" and meta["ti_mode"] == "output"
+    )  # the folder's config decides, not --model_type
     card = (out / "README.md").read_text()
     assert "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
     # a local base model is no hub link, and the card says what this model is
@@ -81,24 +93,54 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert os.stat(out / "learned_embeds.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
     grids = sorted(os.listdir(out / "validation"))
     assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
-    assert Image.open(out / "validation" / grids[-1]).size == (2 * 256, 2 * 256)  # 2 prompts x 2 images at 0.06M
-    assert len(scalars(out, "loss")) == 4 and len(scalars(out, "vector_norm")) == 4 and len(scalars(out, "vocab_mean_norm")) == 4
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-4"))
+    grid = Image.open(out / "validation" / grids[-1])  # 2 prompts x 2 images at 0.06M, labelled
+    assert grid.width > 2 * 256 and grid.height > 2 * 256
+    assert (
+        len(scalars(out, "loss")) == 4
+        and len(scalars(out, "vector_norm")) == 4
+        and len(scalars(out, "vocab_mean_norm")) == 4
+    )
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "step_rng.safetensors"} <= set(
+        os.listdir(out / "checkpoint-4")
+    )
 
 
-def test_frozen_weights_stay_bit_identical_and_only_the_new_row_changes(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+def test_validation_scores_the_concept_with_a_clip_model(concept_dir, tmp_path):
+    """On the toy model, with a tiny random CLIP: the two similarities at steps 0 and 2, in
+    tensorboard and in the model card."""
+    clip = build_tiny_clip(str(tmp_path / "clip"))
+    out = tmp_path / "out"
+    toy = os.path.join(ROOT, "examples", "toy-infinity")
+    run(toy, os.path.join(ROOT, "examples", "concepts", "pink-cross"), out, "--initializer_token", "cross",
+        "--max_train_steps", "2", "--validation_steps", "2", "--num_validation_images", "2",
+        "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--validation_similarity_model", clip)  # fmt: skip
+    to_training, to_prompt = scalars(out, "similarity/image_to_training"), scalars(out, "similarity/prompt_to_image")
+    assert len(to_training) == len(to_prompt) == 2
+    assert all(-1 <= v <= 1 for v in to_training + to_prompt)
+    card = (out / "README.md").read_text()
+    assert f"Concept scores at step 2 ({clip}): validation images to the training images {to_training[-1]:.3f}" in card
+    assert f"to their prompt {to_prompt[-1]:.3f}" in card
+
+
+def test_frozen_weights_stay_bit_identical_and_only_the_new_row_changes(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
     loaded = {}
     original = InfinityPipeline.from_pretrained.__func__
 
     def capture(cls, *a, **k):
         pipe = original(cls, *a, **k)
         loaded["pipe"] = pipe
-        loaded["before"] = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()} for name in ("text_encoder", "transformer", "vae")}
+        loaded["before"] = {
+            name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("text_encoder", "transformer", "vae")
+        }
         return pipe
 
     monkeypatch.setattr(InfinityPipeline, "from_pretrained", classmethod(capture))
-    run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "3", "--validation_prompt", f"a {PLACEHOLDER}",
-        "--validation_steps", "3", "--num_validation_images", "1", "--learning_rate", "0.1", "--ti_mode", "input")  # fmt: skip
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "3",
+        "--validation_prompt", f"a {PLACEHOLDER}", "--validation_steps", "3", "--num_validation_images", "1",
+        "--learning_rate", "0.1", "--ti_mode", "input")  # fmt: skip
     pipe, before = loaded["pipe"], loaded["before"]
     placeholder_id = pipe.tokenizer.convert_tokens_to_ids(PLACEHOLDER)
     for name in ("transformer", "vae"):
@@ -123,7 +165,9 @@ def test_loss_falls_on_a_fixed_set(tiny_pipeline_dir, tmp_path):
     data.mkdir()
     for i in range(2):
         draw_concept(data / f"b{i}.png", shift=i)
-    (data / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"b{i}.png", "text": f"a photo of a {PLACEHOLDER}"}) + "\n" for i in range(2)))
+    (data / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"b{i}.png", "text": f"a photo of a {PLACEHOLDER}"}) + "\n" for i in range(2))
+    )
     out = tmp_path / "out"
     run(tiny_pipeline_dir, data, out, "--max_train_steps", "30", "--train_batch_size", "2", "--learning_rate", "0.05",
         "--no-reweight_loss_by_scale", "--checkpointing_steps", "1000", "--save_steps", "1000")  # fmt: skip
@@ -133,11 +177,23 @@ def test_loss_falls_on_a_fixed_set(tiny_pipeline_dir, tmp_path):
 
 
 def test_resumed_run_ends_with_the_uninterrupted_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
-    common = ("--checkpointing_steps", "3", "--save_steps", "1000", "--random_flip", "--self_correction_strength", "0.3",
-              "--gradient_accumulation_steps", "2", "--learning_rate", "0.05")  # fmt: skip
+    common = ("--checkpointing_steps", "3", "--save_steps", "1000", "--random_flip",
+              "--self_correction_strength", "0.3", "--gradient_accumulation_steps", "2",
+              "--learning_rate", "0.05")  # fmt: skip
     run(tiny_pipeline_dir, concept_dir, tmp_path / "full", "--max_train_steps", "5", *common)
-    run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "3", *common)  # stops after checkpoint-3
-    run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "5", "--resume_from_checkpoint", "latest", *common)
+    run(
+        tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "3", *common
+    )  # stops after checkpoint-3
+    run(
+        tiny_pipeline_dir,
+        concept_dir,
+        tmp_path / "part",
+        "--max_train_steps",
+        "5",
+        "--resume_from_checkpoint",
+        "latest",
+        *common,
+    )
     full = load_file(tmp_path / "full" / "learned_embeds.safetensors")[PLACEHOLDER]
     resumed = load_file(tmp_path / "part" / "learned_embeds.safetensors")[PLACEHOLDER]
     at_step_3 = next(iter(load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors").values()))
@@ -145,11 +201,22 @@ def test_resumed_run_ends_with_the_uninterrupted_embedding(tiny_pipeline_dir, co
     assert not torch.equal(at_step_3, full)  # steps 4 and 5 did change the vectors
 
 
-def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_relative_form(tiny_pipeline_dir, concept_dir, tmp_path):
+def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_relative_form(
+    tiny_pipeline_dir, concept_dir, tmp_path
+):
     common = ("--checkpointing_steps", "3", "--save_steps", "1000", "--learning_rate", "0.05")
     run(tiny_pipeline_dir, concept_dir, tmp_path / "full", "--max_train_steps", "6", "--seed", "7", *common)
     run(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "3", "--seed", "7", *common)
-    argv = train_args(tiny_pipeline_dir, concept_dir, tmp_path / "part", "--max_train_steps", "6", "--resume_from_checkpoint", "checkpoint-3", *common)
+    argv = train_args(
+        tiny_pipeline_dir,
+        concept_dir,
+        tmp_path / "part",
+        "--max_train_steps",
+        "6",
+        "--resume_from_checkpoint",
+        "checkpoint-3",
+        *common,
+    )
     k = argv.index("--seed")
     train.main(train.parse_args(argv[:k] + argv[k + 2 :]))  # no --seed at all
     full = load_file(tmp_path / "full" / "learned_embeds.safetensors")[PLACEHOLDER]
@@ -165,7 +232,9 @@ def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_
         ("", ["--num_vectors", "5"], "made with another --num_vectors"),
     ],
 )
-def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(tiny_pipeline_dir, concept_dir, tmp_path, capsys, damage, extra, message):
+def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(
+    tiny_pipeline_dir, concept_dir, tmp_path, capsys, damage, extra, message
+):
     out = tmp_path / "out"
     run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     checkpoint = out / "checkpoint-2"
@@ -177,7 +246,9 @@ def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(tiny_pipeline_dir
             data = (checkpoint / name).read_bytes()
             (checkpoint / name).write_bytes(data[: len(data) // 2])
     final = (out / "learned_embeds.safetensors").read_bytes()
-    argv = train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *extra)
+    argv = train_args(
+        tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *extra
+    )
     err = run_script_expecting_error(SCRIPT, argv, capsys)
     assert message in err and "checkpoint" in err, err
     assert (out / "learned_embeds.safetensors").read_bytes() == final  # nothing overwritten
@@ -185,11 +256,23 @@ def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(tiny_pipeline_dir
 
 def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    run(
+        tiny_pipeline_dir,
+        concept_dir,
+        out,
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "2",
+        "--checkpoints_total_limit",
+        "2",
+    )
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
     real_save = train.save_checkpoint
 
     def killed_at_step_4(accelerator, output_dir, step, *rest):
@@ -200,16 +283,36 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tiny_pipeline
     monkeypatch.setattr(train, "save_checkpoint", killed_at_step_4)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1")
+        run(
+            tiny_pipeline_dir,
+            concept_dir,
+            out,
+            "--max_train_steps",
+            "6",
+            "--checkpointing_steps",
+            "2",
+            "--checkpoints_total_limit",
+            "1",
+        )
     assert [d for d in os.listdir(out) if d.startswith("checkpoint")] == ["checkpoint-2"]
 
 
 def test_resuming_a_finished_run_changes_nothing(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "0.1")
+    run(
+        tiny_pipeline_dir,
+        concept_dir,
+        out,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "0.1",
+    )
     final = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
-    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "0.1",
-        "--resume_from_checkpoint", "latest")  # fmt: skip
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--learning_rate", "0.1", "--resume_from_checkpoint", "latest")  # fmt: skip
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor(PLACEHOLDER), final) and f.metadata()["step"] == "4"
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
@@ -249,26 +352,49 @@ def test_multi_vector_concept_with_sidecar_captions(tiny_pipeline_dir, tmp_path,
 
 def test_push_to_hub_uploads_only_the_shareable_files(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
     calls = {}
-    monkeypatch.setattr(train, "create_repo", lambda repo_id, exist_ok, token: calls.setdefault("create", type("R", (), {"repo_id": f"me/{repo_id}"})()))
+    monkeypatch.setattr(
+        train,
+        "create_repo",
+        lambda repo_id, exist_ok, token: calls.setdefault("create", type("R", (), {"repo_id": f"me/{repo_id}"})()),
+    )
     monkeypatch.setattr(train, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     run(tiny_pipeline_dir, concept_dir, tmp_path / "my-blob-ti", "--max_train_steps", "2", "--checkpointing_steps", "1",
         "--push_to_hub", "--validation_prompt", f"a {PLACEHOLDER}", "--num_validation_images", "1")  # fmt: skip
     upload = calls["upload"]
     assert upload["repo_id"] == "me/my-blob-ti"
     patterns = upload["allow_patterns"]
-    assert set(patterns) == {"learned_embeds.safetensors", "token_identifier.txt", "type_of_concept.txt", "README.md", "validation/step-000000.png"}
+    assert set(patterns) == {
+        "learned_embeds.safetensors",
+        "token_identifier.txt",
+        "type_of_concept.txt",
+        "README.md",
+        "validation/step-000000.png",
+    }
     assert all(os.path.exists(os.path.join(upload["folder_path"], p)) for p in patterns)
 
 
 def test_the_hub_token_never_reaches_disk(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
     secret = "hf_secret_token_123"
-    monkeypatch.setattr(train, "create_repo", lambda repo_id, exist_ok, token: type("R", (), {"repo_id": f"me/{repo_id}"})())
+    monkeypatch.setattr(
+        train, "create_repo", lambda repo_id, exist_ok, token: type("R", (), {"repo_id": f"me/{repo_id}"})()
+    )
     monkeypatch.setattr(train, "upload_folder", lambda **kw: None)
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--push_to_hub", "--hub_token", secret)
+    run(
+        tiny_pipeline_dir,
+        concept_dir,
+        out,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--push_to_hub",
+        "--hub_token",
+        secret,
+    )
     files = [os.path.join(d, f) for d, _, names in os.walk(out) for f in names]
     assert any("hparams" in f or "events" in f for f in files)  # the tracker wrote its config
-    assert not [f for f in files if secret.encode() in open(f, "rb").read()]
+    assert not [f for f in files if secret.encode() in Path(f).read_bytes()]
 
 
 def test_image_modes_are_converted_to_rgb():
@@ -319,6 +445,17 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--learning_rate", "-1"], "--learning_rate must be a positive number"),
         ("ok", ["--ti_mode", "middle"], "invalid choice: 'middle'"),
         ("ok", ["--text_encoder_dtype", "int8"], "invalid choice: 'int8'"),
+        ("ok", ["--validation_similarity_model", "./no-clip"], "give a --validation_prompt too"),
+        (
+            "ok",
+            ["--validation_similarity_model", "./no-clip", "--validation_prompt", "a <blob>"],
+            "./no-clip does not exist",
+        ),
+        (
+            "ok",
+            ["--validation_similarity_model", "T5_FOLDER", "--validation_prompt", "a <blob>"],
+            "is a t5 model; pass a CLIP",
+        ),
     ],
 )
 def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp_path, capsys, case, extra, message):
@@ -334,7 +471,9 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         (data / "fine.txt").write_text("a photo of a dog")
     if case == "stray_metadata":
         draw_concept(data / "fine.png")
-        (data / "metadata.jsonl").write_text('{"file_name": "fine.png", "text": "a <blob>"}\n{"file_name": "gone.png", "text": "a <blob>"}\n')
+        (data / "metadata.jsonl").write_text(
+            '{"file_name": "fine.png", "text": "a <blob>"}\n{"file_name": "gone.png", "text": "a <blob>"}\n'
+        )
     if case == "latin1":
         draw_concept(data / "fine.png")
         (data / "fine.txt").write_bytes("a <blob> in a café".encode("latin-1"))
@@ -342,6 +481,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
     if "OUTPUT_IS_A_FILE" in extra:
         (tmp_path / "a-file").write_text("not a folder")
         extra = [str(tmp_path / "a-file") if a == "OUTPUT_IS_A_FILE" else a for a in extra]
+    extra = [os.path.join(tiny_pipeline_dir, "text_encoder") if a == "T5_FOLDER" else a for a in extra]
     argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "1") + extra
     err = run_script_expecting_error(SCRIPT, argv, capsys)
     assert message in err, err
@@ -357,10 +497,14 @@ def test_report_to_none_writes_no_logs(tiny_pipeline_dir, concept_dir, tmp_path)
     assert (out / "learned_embeds.safetensors").exists() and not (out / "logs").exists()
 
 
-def test_a_launch_whose_world_size_accelerate_does_not_run_is_refused(tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch):
+def test_a_launch_whose_world_size_accelerate_does_not_run_is_refused(
+    tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --multi_gpu` sets it on a CPU machine
     out = tmp_path / "out"
-    err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1"), capsys)
+    err = run_script_expecting_error(
+        SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1"), capsys
+    )
     assert "2 processes were launched but accelerate runs 1" in err and "ACCELERATE_USE_CPU=1" in err
     assert not out.exists()
 
@@ -377,7 +521,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_embedding(tiny_pipeline_dir, con
     monkeypatch.setattr(train, "bitwise_loss", loss_that_breaks_at_step_3)
     out = tmp_path / "out"
     with pytest.raises(train.UsageError, match="the loss became non-finite at step 2"):
-        run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "10", "--save_steps", "1", "--learning_rate", "0.1")
+        run(
+            tiny_pipeline_dir,
+            concept_dir,
+            out,
+            "--max_train_steps",
+            "10",
+            "--save_steps",
+            "1",
+            "--learning_rate",
+            "0.1",
+        )
     kept = load_file(out / "learned_embeds.safetensors")[PLACEHOLDER]
     # step 3 saw the vectors after two updates and failed; step 2's (after one update) were good
     assert torch.equal(kept, load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
@@ -400,19 +554,37 @@ def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_d
 
 
 def launch_two_processes(script, argv, port: int) -> subprocess.CompletedProcess:
-    """`script argv` in two CPU processes (DDP over gloo), as torchrun starts them."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), str(script), *map(str, argv)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    """`script argv` in two CPU processes (DDP over gloo), as torchrun starts them. A wrapper
+    script in a temporary folder imports the training script from the repository (PYTHONPATH)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(script),
+        *map(str, argv),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
 
 
 def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_path):
     """DDP over two CPU processes (gloo): the main process alone writes, checkpoints hold the
     random state of both processes."""
     out = tmp_path / "out"
-    result = launch_two_processes(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2"), 29571)
+    result = launch_two_processes(
+        SCRIPT,
+        train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--checkpointing_steps", "2"),
+        29571,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("DistributedType.MULTI_CPU") == 2
-    assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(os.listdir(out / "checkpoint-2"))
+    assert {"random_states_0.pkl", "random_states_1.pkl", "step_rng.safetensors"} <= set(
+        os.listdir(out / "checkpoint-2")
+    )
     rng = load_file(out / "checkpoint-2" / "step_rng.safetensors")
     assert set(rng) == {"process_0", "process_1"} and not torch.equal(rng["process_0"], rng["process_1"])
     assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)  # output mode: 4 vectors
@@ -424,7 +596,9 @@ def test_fp16_from_the_accelerate_config_is_refused_too(tiny_pipeline_dir, conce
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from a config file
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "1"), capsys)
+        err = run_script_expecting_error(
+            SCRIPT, train_args(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "1"), capsys
+        )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "mixed precision fp16 (from your accelerate config) is refused" in err
@@ -440,7 +614,9 @@ def test_gif_and_tiff_images_are_read_and_subfolders_are_named(tiny_pipeline_dir
     args = train.parse_args(train_args(tiny_pipeline_dir, data, tmp_path / "out"))
     with caplog.at_level("WARNING"):
         examples = train.read_examples(args)
-    assert [name for name, _, _ in examples] == ["a.gif", "b.tif"] and all(image.mode == "RGB" for _, image, _ in examples)
+    assert [name for name, _, _ in examples] == ["a.gif", "b.tif"] and all(
+        image.mode == "RGB" for _, image, _ in examples
+    )
     assert "subfolders are not read (more)" in caplog.text
 
 
@@ -449,7 +625,6 @@ def test_a_nan_on_one_process_stops_both_and_the_main_one_keeps_the_embedding(ti
     wrapper = tmp_path / "nan_on_rank_1.py"
     wrapper.write_text(
         "import os, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
         "import train_textual_inversion_infinity as train\n"
         "real, calls = train.bitwise_loss, []\n"
         "def loss(*args):\n"
@@ -463,12 +638,18 @@ def test_a_nan_on_one_process_stops_both_and_the_main_one_keeps_the_embedding(ti
         "    sys.exit(f'error: {e}')\n"
     )
     out = tmp_path / "out"
-    result = launch_two_processes(wrapper, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "1"), 29573)
-    assert result.returncode != 0 and result.stderr.count("the loss became non-finite at step 1") == 2, result.stderr[-3000:]
+    result = launch_two_processes(
+        wrapper, train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "4", "--save_steps", "1"), 29573
+    )
+    assert result.returncode != 0 and result.stderr.count("the loss became non-finite at step 1") == 2, result.stderr[
+        -3000:
+    ]
     # the vectors after one update gave a NaN on process 1: the last ones good everywhere are the start
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         assert f.metadata()["step"] == "0"
-        assert not torch.equal(f.get_tensor(PLACEHOLDER), load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER])
+        assert not torch.equal(
+            f.get_tensor(PLACEHOLDER), load_file(out / "learned_embeds-steps-1.safetensors")[PLACEHOLDER]
+        )
 
 
 def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipeline_dir, tmp_path):
@@ -482,7 +663,6 @@ def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipelin
     wrapper = tmp_path / "record_batches.py"
     wrapper.write_text(
         "import json, os, sys\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
         "import train_textual_inversion_infinity as train\n"
         "real_iter = train.SameShapeBatchSampler.__iter__\n"
         "def recording_iter(self):\n"
@@ -496,7 +676,16 @@ def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipelin
     out = tmp_path / "out"
     record = tmp_path / "record"
     record.mkdir()
-    common = ["--train_batch_size", "2", "--aspect_ratio", "nearest", "--checkpointing_steps", "2", "--learning_rate", "0.05"]
+    common = [
+        "--train_batch_size",
+        "2",
+        "--aspect_ratio",
+        "nearest",
+        "--checkpointing_steps",
+        "2",
+        "--learning_rate",
+        "0.05",
+    ]
     argv = train_args(tiny_pipeline_dir, data, out, "--max_train_steps", "2", *common)
     argv[argv.index("--repeats") + 1] = "1"
     result = launch_two_processes(wrapper, [*argv, record], 29575)
@@ -510,7 +699,12 @@ def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipelin
     assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)
 
     # stopped after step 2 and resumed to step 4, it ends where an uninterrupted run ends
-    assert launch_two_processes(SCRIPT, [*argv, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], 29577).returncode == 0
+    assert (
+        launch_two_processes(
+            SCRIPT, [*argv, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], 29577
+        ).returncode
+        == 0
+    )
     full = tmp_path / "full"
     full_argv = train_args(tiny_pipeline_dir, data, full, "--max_train_steps", "4", *common)
     full_argv[full_argv.index("--repeats") + 1] = "1"

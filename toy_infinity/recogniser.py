@@ -1,15 +1,13 @@
-"""Fidelity of an image to a held-out concept of the toy world, by a small CNN recogniser.
+"""A small CNN that tells a toy-world image's kind and colour, and the fidelity score built on it.
 
-What it measures: a concept of the toy world (examples/toy_world.py) is one kind of object in a
-colour that no caption names (an orange circle, a teal square, a brown cross). The recogniser
-reads a 64x64 image and gives two distributions: over the 5 kinds of the world and over the 11
-colours of the object (8 named, 3 held out). The fidelity of an image to a concept is
+The recogniser reads a 64x64 image and gives two distributions: over the 5 kinds of the world and
+over its 8 colours. The fidelity of an image to a held-out concept (toy_infinity.world) is
 
     fidelity = P(kind = concept's kind) * P(object colour = concept's colour)      in [0, 1]
 
-so an image scores high only if it shows that object in that colour: a red circle, an orange
-square or a shapeless orange blob all score low. The background is not scored (it varies across
-the concept's own images too).
+so an image scores high only if it shows that object in that colour: a pink circle, a red cross or
+a shapeless pink blob all score low. The background is not scored (it varies across the concept's
+own images too).
 
 Why it is fair: the recogniser never sees the toy Infinity or its VAE. It is trained on fresh
 renders of every kind, colour, size and background (uniformly, other seeds than the pretraining
@@ -18,17 +16,13 @@ softness of generated images does not by itself change its answer. It therefore 
 inversion on the question "does the image show the concept", with the concept's own images as the
 ceiling (close to 1) and other toy objects as the floor (close to 0).
 
-    python examples/toy_fidelity.py                 # trains the recogniser (~4 minutes), writes toy_fidelity.safetensors
-    python benchmarks/bench_toy_fidelity.py         # the before/after table of the README
+    python -m toy_infinity.recogniser     # trains it (~4 minutes on 2 cores), writes recogniser.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -39,22 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(EXAMPLES)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, EXAMPLES)
+from toy_infinity import world as toy_world
 
-import toy_world
-
-from infinity_t2i.pipeline import InfinityPipeline, generate_images
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
-
-DEFAULT_WEIGHTS = os.path.join(EXAMPLES, "toy_fidelity.safetensors")
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recogniser.safetensors")
 COLOUR_NAMES = tuple(toy_world.COLOURS)
 TRAINING_SEED = 777_000  # far from the seeds of the pretraining set and the concept images
-PROMPT_TEMPLATE = "a photo of a {}"
-# Textual-inversion settings of the demo (examples/toy_demo.sh), the benchmark and the test.
-TOY_TRAINING_ARGS = ("--pn", toy_world.PN, "--train_batch_size", "4", "--max_train_steps", "200", "--seed", "0")  # the default recipe
 
 
 class ToyRecogniser(nn.Module):
@@ -77,7 +60,7 @@ class ToyRecogniser(nn.Module):
         self.colour_head = nn.Linear(2 * channels[-1], len(COLOUR_NAMES))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 3, 64, 64) in [-1, 1] -> kind logits (B, 8), colour logits (B, 8)."""
+        """x (B, 3, 64, 64) in [-1, 1] -> kind logits (B, 5), colour logits (B, 8)."""
         h = self.features(x)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)  # mean: how much, max: whether at all
         return self.kind_head(pooled), self.colour_head(pooled)
@@ -98,7 +81,7 @@ class FidelityScorer:
 
     @torch.no_grad()
     def probabilities(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P(kind) (B, 5) in toy_world.KINDS order, P(colour) (B, 11) in COLOUR_NAMES order)."""
+        """(P(kind) (B, 5) in toy_world.KINDS order, P(colour) (B, 8) in COLOUR_NAMES order)."""
         kind_logits, colour_logits = self.model(to_input(images))
         return kind_logits.softmax(-1), colour_logits.softmax(-1)
 
@@ -168,62 +151,6 @@ def train(args) -> None:
             print(f"{name} renders: kind accuracy {kind_acc:.3f}, colour accuracy {colour_acc:.3f}")
     save_file({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, args.weights)
     print(f"wrote {args.weights}")
-
-
-# ---- before and after textual inversion --------------------------------------------------------
-def concept_images(concepts_dir: str, name: str) -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in sorted(glob.glob(os.path.join(concepts_dir, name, "*.png")))]
-
-
-def other_objects(concept: toy_world.HeldOutConcept, n: int, seed: int) -> list[Image.Image]:
-    """Random toy objects that are not the concept: another kind or another colour."""
-    rng = np.random.default_rng(seed)
-    images = []
-    while len(images) < n:
-        obj = toy_world.sample_object(rng)
-        if (obj.kind, obj.colour) != (concept.kind, concept.colour):
-            images.append(toy_world.render(obj))
-    return images
-
-
-def train_concept(model: str, concepts_dir: str, name: str, output_dir: str, *extra_args: str) -> str:
-    """Runs the training script (as a user would, in its own process) on a held-out concept with
-    the demo's settings; `extra_args` override them. Returns the output folder."""
-    concept = toy_world.HELD_OUT_CONCEPTS[name]
-    command = [
-        sys.executable,
-        os.path.join(ROOT, "train_textual_inversion_infinity.py"),
-        "--pretrained_model_name_or_path", model,
-        "--train_data_dir", os.path.join(concepts_dir, name),
-        "--placeholder_token", f"<{name}>",
-        "--initializer_token", concept.initializer,
-        "--output_dir", output_dir,
-        *TOY_TRAINING_ARGS,
-        *extra_args,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"textual inversion of {name} failed:\n{result.stderr[-3000:]}")
-    return output_dir
-
-
-def generate(pipe, prompt: str, num_images: int, seed: int) -> list[Image.Image]:
-    """Images of a prompt at the toy resolution, with the inference script's sampling defaults."""
-    return generate_images(pipe, prompt, num_images, seed=seed, batch_size=num_images, pn=toy_world.PN)
-
-
-def before_and_after(
-    model: str, embedding_dir: str, name: str, num_images: int, seed: int
-) -> tuple[list[Image.Image], list[Image.Image]]:
-    """Images of "a photo of a <initializer>" from the base model, and of "a photo of a <name>"
-    with the learned embedding loaded as the inference script loads it; same seeds."""
-    concept = toy_world.HELD_OUT_CONCEPTS[name]
-    pipe = InfinityPipeline.from_pretrained(model)
-    before = generate(pipe, PROMPT_TEMPLATE.format(concept.initializer), num_images, seed)
-    concepts = load_learned_embeds(embedding_dir)
-    apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
-    prompt = expand_placeholders(PROMPT_TEMPLATE.format(f"<{name}>"), {c.placeholder: c.tokens for c in concepts})
-    return before, generate(pipe, prompt, num_images, seed)
 
 
 def parse_args():

@@ -22,7 +22,7 @@ kinds called only "thing" (star, heart, moon) and colours never named (orange, t
 model drew them when a caption left the attribute open, but had no text direction for them, and
 textual inversion found none: an unnamed attribute is never tied to the text.)
 
-    python examples/toy_world.py        # writes examples/concepts/ (images + concepts.json)
+    python -m toy_infinity.world        # from the repository root: writes examples/concepts/
 """
 
 from __future__ import annotations
@@ -124,7 +124,10 @@ HELD_OUT_PAIRS = {(c.kind, c.colour) for c in HELD_OUT_CONCEPTS.values()}
 # ---- rendering ------------------------------------------------------------------------------------
 def _polygon(n: int, radius: float, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
     """Regular polygon around the origin; y points down."""
-    return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n)) for i in range(n)]
+    return [
+        (radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
 
 
 def _draw_kind(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
@@ -228,7 +231,7 @@ def render_concept_images(concept: HeldOutConcept, n: int, seed: int) -> list[Im
 # ---- writing the concept folders -------------------------------------------------------------------
 def parse_args():
     p = argparse.ArgumentParser(description="Write the held-out concept images and their metadata.")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "concepts"))
+    p.add_argument("--out", default=os.path.join("examples", "concepts"))
     p.add_argument("--images_per_concept", type=int, default=8)
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args()
