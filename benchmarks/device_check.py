@@ -44,22 +44,31 @@ def main(argv=None) -> list[dict]:
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     memory_kind = "peak allocated" if cuda else "saved for backward"
     models = build(args.model, args.device, dtype)
-    transformer = models[2]
+    text_encoder, transformer = models[1], models[2]
     rows = []
     for pn in args.pn:
         setup = Setup(*models, pn, args.device)
         transformer.gradient_checkpointing = False
         forward, _ = measure(setup.forward, args.device, args.repeats)
         for ti_mode, step in (("output", setup.ours_output_mode), ("input", setup.ours)):
+            # as the training script: output mode moves T5 off the GPU once the captions are encoded
+            text_encoder.to("cpu" if ti_mode == "output" else args.device)
+            if cuda:
+                torch.cuda.empty_cache()
             for checkpointing in (False, True):
                 transformer.gradient_checkpointing = checkpointing
-                seconds, memory = measure(step, args.device, args.repeats)
+                try:
+                    seconds, memory = measure(step, args.device, args.repeats)
+                except torch.cuda.OutOfMemoryError:  # a smaller GPU: the row says so, the others still run
+                    seconds, memory = float("nan"), float("nan")
+                    setup.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
                 rows.append({"pn": pn, "tokens": setup.schedule.total_len, "ti_mode": ti_mode,
                              "checkpointing": checkpointing, "seconds": seconds, "memory": memory,
                              "ratio": seconds / forward, "forward": forward})  # fmt: skip
         transformer.gradient_checkpointing = False
         del setup
-    del models, transformer
+    del models, text_encoder, transformer
     if cuda:
         torch.cuda.empty_cache()
 
@@ -72,12 +81,13 @@ def main(argv=None) -> list[dict]:
     sampling = time_generation(*generator_models, args.sampling_pn, torch.device(args.device), 1, args.repeats, 1, 3.0)
 
     print(f"\n{args.model} (random weights, blocks in {str(dtype).removeprefix('torch.')}) on {name}")
-    print(f"TI step, batch 1; memory = {memory_kind}; ratio = step / no-grad forward")
+    print(f"TI step, batch 1; memory = {memory_kind} (weights on the device included); ratio = step / no-grad forward")
     print("| pn | tokens | --ti_mode | --gradient_checkpointing | step (s) | memory | step / forward |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['pn']} | {r['tokens']} | {r['ti_mode']} | {'yes' if r['checkpointing'] else 'no'} | "
-              f"{r['seconds']:.3f} | {gib(r['memory'])} | {r['ratio']:.2f}x |")  # fmt: skip
+              f"{r['seconds']:.3f} | {gib(r['memory']) if r['memory'] == r['memory'] else 'out of memory'} | "
+              f"{r['ratio']:.2f}x |")  # fmt: skip
     peak = f", peak {sampling['peak_gib']:.1f} GiB" if sampling["peak_gib"] is not None else ""
     print(
         f"Generation at {args.sampling_pn} ({sampling['image']}, CFG 3, VAE decode, T5 not timed): "
