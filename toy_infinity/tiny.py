@@ -134,7 +134,7 @@ def build_tiny_pipeline_dir(directory: str, seed: int = 0) -> str:
 def build_tiny_clip(directory: str, seed: int = 0) -> str:
     """A random CLIP (width 32, 32x32 images) with a letter-level BPE tokenizer and an image
     processor, saved as a folder CLIPModel / AutoProcessor load (for --validation_similarity_model)."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     os.makedirs(directory, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -145,7 +145,7 @@ def build_tiny_clip(directory: str, seed: int = 0) -> str:
     with open(os.path.join(directory, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     tokenizer = CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = CLIPConfig(
@@ -166,9 +166,9 @@ def build_tiny_clip(directory: str, seed: int = 0) -> str:
 
 def build_tiny_dinov2(directory: str, seed: int = 0) -> str:
     """A random DINOv2 (width 32, 32x32 images) and its image processor, saved as a folder."""
-    from transformers import BitImageProcessorPil, Dinov2Config, Dinov2Model
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
     config = Dinov2Config(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
     )
