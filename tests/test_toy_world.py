@@ -1,13 +1,16 @@
-"""The toy world of examples/: a deterministic renderer, held-out concepts that pretraining never
+"""The toy world (toy_infinity, examples/): a deterministic renderer, held-out concepts that pretraining never
 shows, the committed toy Infinity, the fidelity recogniser, and textual inversion that learns."""
 
 import glob
+import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
+from safetensors.torch import load_file
 
 from infinity_t2i.pipeline import InfinityPipeline
 from toy_infinity import world as toy_world
@@ -113,3 +116,36 @@ def test_the_learned_token_beats_the_best_words(tmp_path):
     # fails when learning fails: the token starts as "cross", which scores about 0.
     assert after.mean() - words.mean() > MARGIN, (words.tolist(), after.tolist())
     assert after.mean() - before.mean() > 3 * MARGIN, (before.tolist(), after.tolist())
+
+
+def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """A few steps of each stage; stopped once in the VAE stage and once in the transformer stage."""
+    spec = importlib.util.spec_from_file_location(
+        "pretrain", os.path.join(ROOT, "examples", "pretrain_toy_infinity.py")
+    )
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    common = ["--vae_steps", "4", "--steps", "4", "--checkpointing_steps", "2", "--corpus_size", "300",
+              "--tokens_per_step", "600", "--threads", "1", "--no_preview"]  # fmt: skip
+    pretrain.main([*common, "--out", str(tmp_path / "full"), "--checkpoint_dir", str(tmp_path / "ckpt-full")])
+
+    save = pretrain.Checkpoint.maybe_save
+
+    def stop_after(stage_to_stop):
+        def maybe_save(self, stage, step, *args):
+            save(self, stage, step, *args)
+            if stage == stage_to_stop and step + 1 == 2:
+                raise KeyboardInterrupt
+
+        return maybe_save
+
+    argv = [*common, "--out", str(tmp_path / "resumed"), "--checkpoint_dir", str(tmp_path / "ckpt")]
+    for stage in ("vae", "transformer"):
+        monkeypatch.setattr(pretrain.Checkpoint, "maybe_save", stop_after(stage))
+        with pytest.raises(KeyboardInterrupt):
+            pretrain.main(argv + (["--resume"] if stage == "transformer" else []))
+    monkeypatch.setattr(pretrain.Checkpoint, "maybe_save", save)
+    pretrain.main([*argv, "--resume"])
+    for name in ("transformer.safetensors", "vae.safetensors", "text_encoder/model.safetensors"):
+        full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name
