@@ -47,7 +47,7 @@ from infinity_t2i.pipeline import (
     resolve_text_encoder,
 )
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
-from infinity_t2i.similarity import ConceptSimilarity, check_local_model
+from infinity_t2i.similarity import ConceptSimilarity, check_similarity_model
 from infinity_t2i.text import TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
@@ -373,11 +373,6 @@ def parse_args(argv=None):
     model = args.validation_similarity_model
     if model and looks_like_a_path(model) and not os.path.isdir(model):
         parser.error(f"--validation_similarity_model {model} does not exist; pass a CLIP or DINOv2 folder or hub id")
-    if model and os.path.isdir(model):
-        try:
-            check_local_model(model)
-        except ValueError as e:
-            parser.error(str(e))
     try:
         check_new_token(args.placeholder_token)  # the vocabulary is checked once the tokenizer is loaded
     except ConceptError as e:
@@ -791,6 +786,11 @@ def main(args):
     problem = unwritable_reason(args.output_dir)
     if problem:
         raise UsageError(f"--output_dir: {problem}; choose another folder")
+    if args.validation_similarity_model:  # on every process, so that none goes on alone
+        try:
+            check_similarity_model(args.validation_similarity_model)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
 
     # 2. Accelerator, logging, seed.
     accelerator = Accelerator(
@@ -1000,10 +1000,7 @@ def main(args):
 
     similarity = None
     if args.validation_similarity_model and accelerator.is_main_process:
-        try:
-            similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
-        except (OSError, ValueError) as e:  # a hub id that is missing or of another kind
-            raise UsageError(str(e)) from e
+        similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
         similarity.set_reference([e.image for e in examples])
     last_grid, last_scores = None, {}
 

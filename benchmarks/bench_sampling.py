@@ -41,7 +41,7 @@ from infinity_t2i.multiscale import (
     tokens_to_bits,
     upsample_codes,
 )
-from infinity_t2i.pipeline import to_uint8
+from infinity_t2i.pipeline import decode_to_uint8
 from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule
 from infinity_t2i.sampling import SamplingSettings, sample, sample_bits_from_logits
 from infinity_t2i.text import TextCondition
@@ -127,7 +127,7 @@ def time_generation(
             summed = sample(transformer, text, schedule, SamplingSettings(cfg=cfg), generator=generators).summed_codes
         else:
             summed = sample_without_cache(transformer, text, schedule, cfg, generators)
-        return to_uint8(vae.decode(summed)).cpu()
+        return decode_to_uint8(transformer, vae, summed).cpu()  # as the pipeline decodes
 
     for k in range(warmup):
         generate(1000 + k)

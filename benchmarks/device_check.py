@@ -34,6 +34,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def out_of_memory_guard(fn, *args):
+    """fn(*args), or None when the device runs out of memory (a smaller GPU): the table says so
+    and the other cells still run."""
+    try:
+        return fn(*args)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -43,29 +53,40 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if cuda else torch.float32
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     memory_kind = "peak allocated" if cuda else "saved for backward"
+    # rows are printed as they are measured, so that a run stopped by its time limit still reports
+    print(f"\n{args.model} (random weights, blocks in {str(dtype).removeprefix('torch.')}) on {name}")
+    print(f"TI step, batch 1; memory = {memory_kind} (weights on the device included); ratio = step / no-grad forward")
+    print("| pn | tokens | --ti_mode | --gradient_checkpointing | step (s) | memory | step / forward |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     models = build(args.model, args.device, dtype)
     text_encoder, transformer = models[1], models[2]
     rows = []
     for pn in args.pn:
-        setup = Setup(*models, pn, args.device)
+        text_encoder.to(args.device)
+        setup = out_of_memory_guard(Setup, *models, pn, args.device)
         transformer.gradient_checkpointing = False
-        forward, _ = measure(setup.forward, args.device, args.repeats)
-        for ti_mode, step in (("output", setup.ours_output_mode), ("input", setup.ours)):
+        forward = out_of_memory_guard(measure, setup.forward, args.device, args.repeats) if setup else None
+        for ti_mode in ("output", "input"):
             # as the training script: output mode moves T5 off the GPU once the captions are encoded
             text_encoder.to("cpu" if ti_mode == "output" else args.device)
             if cuda:
                 torch.cuda.empty_cache()
             for checkpointing in (False, True):
                 transformer.gradient_checkpointing = checkpointing
-                try:
-                    seconds, memory = measure(step, args.device, args.repeats)
-                except torch.cuda.OutOfMemoryError:  # a smaller GPU: the row says so, the others still run
-                    seconds, memory = float("nan"), float("nan")
+                step = (setup.ours_output_mode if ti_mode == "output" else setup.ours) if setup else None
+                result = out_of_memory_guard(measure, step, args.device, args.repeats) if step else None
+                if result is None and setup is not None:
                     setup.optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                rows.append({"pn": pn, "tokens": setup.schedule.total_len, "ti_mode": ti_mode,
-                             "checkpointing": checkpointing, "seconds": seconds, "memory": memory,
-                             "ratio": seconds / forward, "forward": forward})  # fmt: skip
+                row = {"pn": pn, "ti_mode": ti_mode, "checkpointing": checkpointing, "seconds": None, "memory": None}
+                if result is not None:
+                    row.update(seconds=result[0], memory=result[1])
+                rows.append(row)
+                tokens = setup.schedule.total_len if setup else "-"
+                cells = ("out of memory", "-", "-") if result is None else (
+                    f"{result[0]:.3f}", gib(result[1]), f"{result[0] / forward[0]:.2f}x" if forward else "-"
+                )  # fmt: skip
+                print(f"| {pn} | {tokens} | {ti_mode} | {'yes' if checkpointing else 'no'} | {' | '.join(cells)} |",
+                      flush=True)  # fmt: skip
         transformer.gradient_checkpointing = False
         del setup
     del models, text_encoder, transformer
@@ -77,17 +98,14 @@ def main(argv=None) -> list[dict]:
         configs = (preset.transformer, preset.vae)
     else:
         configs = tiny_configs()
-    generator_models = build_for_sampling(*configs, torch.device(args.device), dtype)
-    sampling = time_generation(*generator_models, args.sampling_pn, torch.device(args.device), 1, args.repeats, 1, 3.0)
-
-    print(f"\n{args.model} (random weights, blocks in {str(dtype).removeprefix('torch.')}) on {name}")
-    print(f"TI step, batch 1; memory = {memory_kind} (weights on the device included); ratio = step / no-grad forward")
-    print("| pn | tokens | --ti_mode | --gradient_checkpointing | step (s) | memory | step / forward |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['pn']} | {r['tokens']} | {r['ti_mode']} | {'yes' if r['checkpointing'] else 'no'} | "
-              f"{r['seconds']:.3f} | {gib(r['memory']) if r['memory'] == r['memory'] else 'out of memory'} | "
-              f"{r['ratio']:.2f}x |")  # fmt: skip
+    device = torch.device(args.device)
+    generator_models = build_for_sampling(*configs, device, dtype)
+    sampling = out_of_memory_guard(
+        time_generation, *generator_models, args.sampling_pn, device, 1, args.repeats, 1, 3.0
+    )
+    if sampling is None:
+        print(f"Generation at {args.sampling_pn}: out of memory")
+        return rows
     peak = f", peak {sampling['peak_gib']:.1f} GiB" if sampling["peak_gib"] is not None else ""
     print(
         f"Generation at {args.sampling_pn} ({sampling['image']}, CFG 3, VAE decode, T5 not timed): "

@@ -6,6 +6,7 @@
 #   bash benchmarks/device_check.sh --dry-run  # the same code on the tests' tiny model, CPU (CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the packages of this tree, installed or not
 if [[ "${1:-}" == "--dry-run" ]]; then
   exec python benchmarks/device_check.py --model tiny --device cpu --pn 0.06M --sampling_pn 0.06M --repeats 1
 fi

@@ -156,14 +156,23 @@ class Checkpoint:
         self.state_dir = os.path.join(directory, "state")
         self.text_encoder_dir = os.path.join(directory, "text_encoder")
 
-    def load(self) -> dict | None:
-        if not os.path.isfile(os.path.join(self.state_dir, "state.json")):
-            return None
-        with open(os.path.join(self.state_dir, "state.json")) as f:
-            meta = json.load(f)
-        return {**meta, "tensors": load_file(os.path.join(self.state_dir, "state.safetensors"))}
+    def remove(self) -> None:
+        for folder in (self.state_dir, self.state_dir + ".old", self.state_dir + ".tmp", self.text_encoder_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def maybe_save(self, stage: str, step: int, total: int, modules: dict, optimizer, world: World, generator) -> None:
+    def load(self) -> dict | None:
+        """The last complete state, or None: `state/`, else the copy a save cut between its
+        renames left (`state.old/`, or a finished `state.tmp/`)."""
+        for folder in (self.state_dir, self.state_dir + ".old", self.state_dir + ".tmp"):
+            if os.path.isfile(os.path.join(folder, "state.json")):
+                with open(os.path.join(folder, "state.json")) as f:
+                    meta = json.load(f)
+                return {**meta, "tensors": load_file(os.path.join(folder, "state.safetensors"))}
+        return None
+
+    def maybe_save(
+        self, stage: str, step: int, total: int, modules: dict, optimizer, world: World, generator, run_args: dict
+    ) -> None:
         """After step `step` (0-based) of `total`: every `every` steps and after the last."""
         if (step + 1) % self.every and step + 1 != total:
             return
@@ -178,15 +187,25 @@ class Checkpoint:
             "step": step + 1,
             "param_groups": optimizer_state["param_groups"],
             "world_rng": world.rng.bit_generator.state,
+            "args": run_args,
         }
-        tmp = self.state_dir + ".tmp"
+        tmp, old = self.state_dir + ".tmp", self.state_dir + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, "state.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
+        with open(os.path.join(tmp, "state.json"), "w") as f:  # written last: its presence means complete
             json.dump(meta, f)
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(self.state_dir):
+            os.replace(self.state_dir, old)  # a complete state exists at every moment
         os.replace(tmp, self.state_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_args(args) -> dict:
+    """The arguments a resumed run must share with the run it continues (not where files go)."""
+    where = {"out", "threads", "preview", "no_preview", "checkpoint_dir", "checkpointing_steps", "resume"}
+    return {k: v for k, v in vars(args).items() if k not in where}
 
 
 def restore(state: dict | None, stage: str, modules: dict, optimizer, world: World, generator) -> int:
@@ -236,7 +255,7 @@ def train_vae(vae: BSQVAE, world: World, grids, args, checkpoint: Checkpoint, st
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", commit=f"{commitment.item():.4f}")
-        checkpoint.maybe_save("vae", step, args.vae_steps, {"vae": vae}, optimizer, world, generator)
+        checkpoint.maybe_save("vae", step, args.vae_steps, {"vae": vae}, optimizer, world, generator, run_args(args))
     vae.eval().requires_grad_(False)
 
 
@@ -305,7 +324,7 @@ def train_transformer(
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        checkpoint.maybe_save("transformer", step, args.steps, modules, optimizer, world, generator)
+        checkpoint.maybe_save("transformer", step, args.steps, modules, optimizer, world, generator, run_args(args))
     transformer.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
@@ -339,12 +358,19 @@ def main(argv=None):
         f"rendered the {len(world.objects)} objects of the toy world at {toy_world.IMAGE_SIZE}x{toy_world.IMAGE_SIZE}"
     )
     checkpoint = Checkpoint(args.checkpoint_dir, args.checkpointing_steps)
-    state = checkpoint.load() if args.resume else None
+    state = checkpoint.load()
     if args.resume and state is None:
         raise SystemExit(f"error: no checkpoint in {args.checkpoint_dir} to resume; run without --resume")
+    if state is not None and not args.resume:
+        raise SystemExit(
+            f"error: {args.checkpoint_dir} holds a run stopped at {state['stage']} step {state['step']}; pass --resume "
+            "to continue it, or remove the folder (or pass another --checkpoint_dir) to start again"
+        )
+    if state is not None and state["args"] != run_args(args):
+        changed = sorted(k for k in run_args(args) if state["args"].get(k) != run_args(args)[k])
+        raise SystemExit(f"error: --resume with other settings than the stopped run ({', '.join(changed)})")
     if state is None:
-        for stale in (checkpoint.state_dir, checkpoint.text_encoder_dir):  # a previous run's, never resumed
-            shutil.rmtree(stale, ignore_errors=True)
+        checkpoint.remove()  # a text encoder written by a run stopped before its first state
         # BPE: unigram stops at single letters on a corpus of 30 distinct words.
         corpus = toy_world.caption_corpus(args.corpus_size, args.seed)
         write_text_encoder(checkpoint.text_encoder_dir, corpus, VOCAB_SIZE, "bpe", args.seed)
@@ -366,6 +392,7 @@ def main(argv=None):
     )
 
     save_half_precision(InfinityPipeline(transformer, vae, tokenizer, text_encoder), args.out)
+    checkpoint.remove()  # the run is complete: --out holds what it made
     if not args.no_preview:
         save_preview(args.out, args.preview, args.seed)
     print(f"saved {args.out}; {time.time() - start:.0f}s in all")

@@ -7,15 +7,19 @@ import json
 import os
 from collections.abc import Iterator
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+
 
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[str]:
     """Yields a temporary path to write in place of `path`, renamed over it when the block ends
     and removed if the block fails: a reader (or a resumed run) sees the old file or the new one,
-    never part of one."""
+    never part of one. The file gets the usual permissions (safetensors writes 0600)."""
     tmp = f"{path}.tmp"
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

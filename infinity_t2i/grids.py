@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 MIN_CELL = 256  # images narrower than this are upscaled by a whole factor to reach it
-LABEL_COLUMN = 240  # the most pixels row labels get (longer prompts wrap inside it)
+LABEL_WORDS = 16  # row labels wrap at about this many average characters (but a word is never cut)
 MARGIN = 8
 GAP = 4  # white between cells, so that two images of the same background stay apart
 
@@ -17,6 +17,14 @@ GAP = 4  # white between cells, so that two images of the same background stay a
 def upscale_for_viewing(image: Image.Image, min_size: int = MIN_CELL) -> Image.Image:
     factor = math.ceil(min_size / image.width) if image.width < min_size else 1
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
+
+
+def label_font(size: int):
+    """Pillow's own font at `size` pixels; its fixed-size bitmap font where Pillow has no FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
 
 
 def _wrapped(text: str, font, width: float) -> list[str]:
@@ -42,12 +50,15 @@ def labelled_grid(
     `min_cell` pixels wide); the title on top, then the column labels, the row labels on the left."""
     cell = upscale_for_viewing(rows[0][0], min_cell).size
     step_x, step_y = cell[0] + GAP, cell[1] + GAP
-    font_size = max(14, cell[0] // 16)
-    font = ImageFont.load_default(size=font_size)
-    line_height = font_size + 4
+    font = label_font(min(40, max(14, cell[0] // 16)))
+    line_height = font.size + 4 if hasattr(font, "size") else 15
     num_cols = max(len(r) for r in rows)
-    widest = max((font.getlength(label) for label in row_labels or []), default=0)
-    left = min(LABEL_COLUMN, math.ceil(widest) + 2 * MARGIN) if row_labels else 0
+    labels = list(row_labels or [])
+    widest_label = max((font.getlength(label) for label in labels), default=0)
+    widest_word = max((font.getlength(word) for label in labels for word in label.split()), default=0)
+    # as wide as the labels need, up to LABEL_WORDS characters, and never narrower than a word
+    wrap_at = max(widest_word, LABEL_WORDS * font.getlength("n"))
+    left = math.ceil(min(widest_label, wrap_at)) + 2 * MARGIN if labels else 0
     column_lines = [_wrapped(label, font, cell[0] - 2 * MARGIN) for label in column_labels or []]
     header = (max(map(len, column_lines)) * line_height + 2 * MARGIN) if column_lines else 0
     width = left + num_cols * step_x - GAP

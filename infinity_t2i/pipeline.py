@@ -127,6 +127,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) / 2).permute(0, 2, 3, 1).mul(255).to(torch.uint8)
 
 
+def decode_to_uint8(transformer: InfinityTransformer, vae: BSQVAE, summed_codes: torch.Tensor) -> torch.Tensor:
+    """The sampler's codes -> (B, H, W, 3) uint8 pixels. The official inference decodes under bf16
+    autocast when its blocks run in bf16 on a GPU."""
+    block_dtype = transformer.blocks[0].ffn.fc1.weight.dtype
+    bf16_decode = summed_codes.device.type == "cuda" and block_dtype == torch.bfloat16
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_decode):
+        return to_uint8(vae.decode(summed_codes))
+
+
 @dataclass
 class InfinityPipelineOutput:
     images: list[Image.Image]  # RGB
@@ -212,8 +221,9 @@ class InfinityPipeline:
         return_bits: bool = False,
         **sampling,
     ) -> InfinityPipelineOutput:
-        """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg,
-        tau, top_k, top_p, cfg_insertion_layer (`SamplingSettings`, official defaults).
+        """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg
+        (or guidance_scale), tau, top_k, top_p, cfg_insertion_layer (`SamplingSettings`, official
+        defaults).
 
         With `seed`, image k of the batch draws from its own generator seeded `seed + k` on the
         model's device (for a single image this is the official per-call seeding); `generator`
@@ -236,16 +246,11 @@ class InfinityPipeline:
             self.transformer,
             text,
             schedule or self.schedule(h_div_w, pn),
-            SamplingSettings(**sampling),
+            SamplingSettings.from_kwargs(**sampling),
             negative_text=negative,
             generator=generator,
         )
-        # the official inference decodes under bf16 autocast when its blocks run in bf16
-        block_dtype = self.transformer.blocks[0].ffn.fc1.weight.dtype
-        bf16_decode = self.device.type == "cuda" and block_dtype == torch.bfloat16
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_decode):
-            decoded = self.vae.decode(out.summed_codes)
-        pixels = to_uint8(decoded).cpu().numpy()
+        pixels = decode_to_uint8(self.transformer, self.vae, out.summed_codes).cpu().numpy()
         images = [Image.fromarray(p) for p in pixels]
         return InfinityPipelineOutput(images, out.bits if return_bits else None)
 

@@ -29,6 +29,19 @@ class SamplingSettings:
     top_p: float = 0.97  # per bit, 0 off
     cfg_insertion_layer: int | Sequence[int] = 0  # 0: guidance on the logits; -k: on hidden states after block depth-k
 
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> SamplingSettings:
+        """Keyword arguments of a pipeline call; `guidance_scale` (diffusers' name) means cfg."""
+        if "guidance_scale" in kwargs:
+            if "cfg" in kwargs:
+                raise TypeError("give cfg or guidance_scale, not both")
+            kwargs["cfg"] = kwargs.pop("guidance_scale")
+        unknown = sorted(set(kwargs) - set(cls.__dataclass_fields__))
+        if unknown:
+            known = ", ".join(["cfg (guidance_scale)", *list(cls.__dataclass_fields__)[1:]])
+            raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; the settings are {known}")
+        return cls(**kwargs)
+
 
 @dataclass
 class SamplingOutput:

@@ -24,15 +24,26 @@ def check_model_type(name_or_path: str, model_type: str | None) -> None:
         )
 
 
-def check_local_model(folder: str) -> None:
-    """Checks a local folder's config.json before anything loads (a hub id is checked on loading)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            model_type = json.load(f).get("model_type")
-    except (OSError, ValueError):
-        model_type = None
-    check_model_type(folder, model_type)
+def check_similarity_model(name_or_path: str) -> None:
+    """Reads only the model's config (a local folder's, or a hub repo's config.json) and refuses a
+    model that is neither CLIP nor DINOv2: checked by every process before any model loads."""
+    if os.path.isdir(name_or_path):
+        try:
+            with open(os.path.join(name_or_path, "config.json"), encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+    else:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"cannot read the config of --validation_similarity_model {name_or_path} ({e}); pass a local "
+                "folder or a hub id this machine can reach"
+            ) from e
+    check_model_type(name_or_path, model_type)
 
 
 class ConceptSimilarity:

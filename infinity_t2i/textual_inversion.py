@@ -283,11 +283,8 @@ def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
     tensors = {concept.placeholder: concept.vectors}
     if concept.mode == "output":
         tensors[concept.placeholder + T5_INPUT_SUFFIX] = concept.t5_input
-    umask = os.umask(0)
-    os.umask(umask)
     with atomic_write(path) as tmp:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared embedding is readable like any file
 
 
 def _decode_metadata(raw: dict) -> dict:

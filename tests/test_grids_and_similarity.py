@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from infinity_t2i.grids import labelled_grid
-from infinity_t2i.similarity import ConceptSimilarity, check_local_model
+from infinity_t2i.similarity import ConceptSimilarity, check_similarity_model
 from toy_infinity.tiny import build_tiny_clip, build_tiny_dinov2
 
 
@@ -32,6 +32,15 @@ def test_large_images_keep_their_size():
     assert labelled_grid([[flat("red", 300)]]).size == (300, 300)
 
 
+def test_row_labels_of_large_images_are_never_covered():
+    """At 1024 px the font is large; a 10-digit seed (a random --seed) still shows whole."""
+    grid = np.asarray(labelled_grid([[flat("red", 1024)]], row_labels=["seed 1234567890"]))
+    left = grid.shape[1] - 1024
+    ink = np.nonzero((grid[:, :left].min(axis=2) < 128).any(axis=0))[0]
+    assert left > 0 and ink.size and ink.max() < left - 4  # the label ends inside its own column
+    assert (grid[:, left:] == (255, 0, 0)).all()
+
+
 @pytest.mark.parametrize("builder", [build_tiny_clip, build_tiny_dinov2])
 def test_similarity_is_highest_for_the_training_images_themselves(builder, tmp_path):
     scorer = ConceptSimilarity.from_pretrained(builder(str(tmp_path / "model")))
@@ -46,4 +55,4 @@ def test_similarity_is_highest_for_the_training_images_themselves(builder, tmp_p
 
 def test_a_model_that_is_neither_clip_nor_dinov2_is_refused_from_its_config(tiny_pipeline_dir):
     with pytest.raises(ValueError, match="is a t5 model; pass a CLIP or DINOv2 model"):
-        check_local_model(f"{tiny_pipeline_dir}/text_encoder")
+        check_similarity_model(f"{tiny_pipeline_dir}/text_encoder")

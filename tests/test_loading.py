@@ -184,6 +184,16 @@ def test_pipeline_from_a_local_folder(tiny_pipeline_dir):
     single = pipe("a photo of a dog", schedule=schedule, seed=3).images[0]
     negative = pipe("a photo of a dog", negative_prompt="a cat", schedule=schedule, seed=3).images[0]
     assert not np.array_equal(np.asarray(negative), np.asarray(single))
+    # diffusers' guidance_scale is cfg; a misspelt setting names the settings there are
+    cfg5 = pipe("a photo of a dog", schedule=schedule, seed=3, cfg=5).images[0]
+    guidance5 = pipe("a photo of a dog", schedule=schedule, seed=3, guidance_scale=5).images[0]
+    assert np.array_equal(np.asarray(cfg5), np.asarray(guidance5)) and not np.array_equal(
+        np.asarray(cfg5), np.asarray(single)
+    )
+    with pytest.raises(
+        TypeError, match="unknown sampling setting.s. temperature; the settings are cfg .guidance_scale."
+    ):
+        pipe("a photo of a dog", schedule=schedule, temperature=0.5)
 
 
 def test_model_folder_errors_point_at_the_folder(tiny_pipeline_dir, tmp_path):
@@ -213,3 +223,11 @@ def test_model_folder_errors_point_at_the_folder(tiny_pipeline_dir, tmp_path):
             f.unlink()
     with pytest.raises(ModelFilesNotFound, match="has no tokenizer files"):
         load_text_encoder(str(no_tokenizer), torch.float32, "cpu")
+
+
+def test_saved_model_files_are_readable_like_any_file(tiny_pipeline_dir):
+    """safetensors writes 0600; a saved model folder is shared like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("transformer.safetensors", "vae.safetensors", "infinity_config.json"):
+        assert os.stat(os.path.join(tiny_pipeline_dir, name)).st_mode & 0o777 == 0o666 & ~umask, name

@@ -145,7 +145,12 @@ def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_wei
         with pytest.raises(KeyboardInterrupt):
             pretrain.main(argv + (["--resume"] if stage == "transformer" else []))
     monkeypatch.setattr(pretrain.Checkpoint, "maybe_save", save)
+    with pytest.raises(SystemExit, match="holds a run stopped at transformer step 2; pass --resume"):
+        pretrain.main(argv)  # nothing is lost by forgetting --resume
+    with pytest.raises(SystemExit, match=r"other settings than the stopped run \(steps\)"):
+        pretrain.main([*argv, "--resume", "--steps", "5"])
     pretrain.main([*argv, "--resume"])
+    assert not os.listdir(tmp_path / "ckpt")  # a finished run leaves no state behind
     for name in ("transformer.safetensors", "vae.safetensors", "text_encoder/model.safetensors"):
         full, resumed = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
         assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full), name

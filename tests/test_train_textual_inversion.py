@@ -68,21 +68,16 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert not [f for f in files if f.endswith(".tmp")]
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
         # the default output mode: 4 learned output vectors and the fixed T5 input rows ("dog" is one piece)
-        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"] and f.get_tensor(PLACEHOLDER).shape == (
-            4,
-            128,
-        )
+        assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"]
+        assert f.get_tensor(PLACEHOLDER).shape == (4, 128)
         meta = f.metadata()
     assert json.loads(meta["tokens"]) == [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in (1, 2, 3)]
     assert meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
     assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
-    assert (out / "token_identifier.txt").read_text() == PLACEHOLDER and (
-        out / "type_of_concept.txt"
-    ).read_text() == "object"
-    assert (
-        meta["model_type"] == "custom" and meta["ti_mode"] == "output"
-    )  # the folder's config decides, not --model_type
+    assert (out / "token_identifier.txt").read_text() == PLACEHOLDER
+    assert (out / "type_of_concept.txt").read_text() == "object"
+    assert meta["model_type"] == "custom" and meta["ti_mode"] == "output"  # the folder's config, not --model_type
     card = (out / "README.md").read_text()
     assert "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
     # a local base model is no hub link, and the card says what this model is
@@ -95,11 +90,7 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
     grid = Image.open(out / "validation" / grids[-1])  # 2 prompts x 2 images at 0.06M, labelled
     assert grid.width > 2 * 256 and grid.height > 2 * 256
-    assert (
-        len(scalars(out, "loss")) == 4
-        and len(scalars(out, "vector_norm")) == 4
-        and len(scalars(out, "vocab_mean_norm")) == 4
-    )
+    assert [len(scalars(out, tag)) for tag in ("loss", "vector_norm", "vocab_mean_norm")] == [4, 4, 4]
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "step_rng.safetensors"} <= set(
         os.listdir(out / "checkpoint-4")
     )

@@ -1,0 +1,82 @@
+"""How sharply does the toy model draw what it was trained on? Fidelity of the seen pairings.
+
+For every pairing of kind and colour that pretraining shows (toy_infinity.world, the held-out
+concepts excluded), images of its words prompt ("a photo of a red cross", sampling seeds 0..N-1,
+the pipeline's default sampling) are scored by the recogniser of toy_infinity/recogniser.py:
+fidelity = P(kind) x P(colour), and how often its most likely kind and colour are right. This is
+the ceiling any prompt, words or learned token, reaches on this model.
+
+    python benchmarks/bench_toy_seen_fidelity.py                   # 37 pairings x 48 images
+    python benchmarks/bench_toy_seen_fidelity.py --pretrained_model_name_or_path /tmp/new-toy
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from infinity_t2i.files import write_json
+from infinity_t2i.pipeline import InfinityPipeline
+from toy_infinity import fidelity as toy_fidelity
+from toy_infinity import world as toy_world
+from toy_infinity.recogniser import COLOUR_NAMES, FidelityScorer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
+    p.add_argument("--num_images", type=int, default=48, help="Images per pairing (sampling seeds 0..N-1).")
+    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "toy-seen-fidelity.json"))
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    scorer = FidelityScorer()
+    pairings = sorted(
+        {(o.kind, o.colour) for o in toy_world.pretraining_objects()},
+        key=lambda p: (toy_world.KINDS.index(p[0]), COLOUR_NAMES.index(p[1])),
+    )
+    rows = []
+    for kind, colour in pairings:
+        images = toy_fidelity.generate(pipe, f"a photo of a {colour} {kind}", args.num_images, seed=0)
+        p_kind, p_colour = scorer.probabilities(images)
+        k, c = toy_world.KINDS.index(kind), COLOUR_NAMES.index(colour)
+        rows.append({
+            "kind": kind, "colour": colour,
+            "fidelity": (p_kind[:, k] * p_colour[:, c]).mean().item(),
+            "p_kind": p_kind[:, k].mean().item(), "p_colour": p_colour[:, c].mean().item(),
+            "kind_right": (p_kind.argmax(-1) == k).float().mean().item(),
+            "colour_right": (p_colour.argmax(-1) == c).float().mean().item(),
+        })  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    write_json(args.output, {"model": args.pretrained_model_name_or_path, "num_images": args.num_images, "rows": rows})
+
+    def mean_se(key: str, subset=rows) -> str:
+        t = torch.tensor([r[key] for r in subset])
+        return f"{t.mean():.3f} ± {t.std() / len(t) ** 0.5:.3f}"
+
+    print(f"{args.pretrained_model_name_or_path}: {len(rows)} seen pairings x {args.num_images} images")
+    print("| kind | fidelity | P(kind) | kind right | P(colour) | colour right |")
+    print("|---|---|---|---|---|---|")
+    for kind in toy_world.KINDS:
+        subset = [r for r in rows if r["kind"] == kind]
+        cells = [mean_se(key, subset) for key in ("fidelity", "p_kind", "kind_right", "p_colour", "colour_right")]
+        print(f"| {kind} | {' | '.join(cells)} |")
+    cells = [mean_se(key) for key in ("fidelity", "p_kind", "kind_right", "p_colour", "colour_right")]
+    print(f"| all | {' | '.join(cells)} |")
+    print(f"(± the standard error over pairings; {time.time() - start:.0f} s; per pairing in {args.output})")
+
+
+if __name__ == "__main__":
+    main()
