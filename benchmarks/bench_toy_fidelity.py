@@ -8,9 +8,11 @@ showed), with the fidelity recogniser of toy_infinity/recogniser.py (P(kind) x P
             default recipe plus the setting's flags, one run per training seed
   ceiling   the concept's own images
 each without and with a background in the prompt ("... on grass", "... in the sky", "... at
-night", pooled). A cell is the mean over training seeds of each run's mean fidelity, ± the standard
-error of those run means, and the worst run; words and the ceiling have no training seed (± is
-then the standard error over images). Same sampling seeds everywhere.
+night", pooled), and for the latter how often the background follows the prompt (the recogniser's
+P(background), mean): whether the concept stays editable. A cell is the mean over training seeds
+of each run's mean, ± the standard error of those run means, and the worst run; words and the
+ceiling have no training seed (± is then the standard error over images). Same sampling seeds
+everywhere.
 
     python benchmarks/bench_toy_fidelity.py                                      # default recipe, seeds 0 1 2
     python benchmarks/bench_toy_fidelity.py --setting input="--ti_mode input" --setting "free=--no-hold_norm"
@@ -41,22 +43,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKGROUNDS = ("grass", "sky", "night")
 
 
-def prompts_for(subject: str) -> dict[str, list[str]]:
-    """The plain prompt, and the same subject on each background."""
+def prompts_for(subject: str) -> dict[str, list[tuple[str, str | None]]]:
+    """The plain prompt, and the same subject on each background: (prompt, background or None)."""
     return {
-        "plain": [f"a photo of a {subject}"],
-        "background": [f"a photo of a {subject} {toy_world.BACKGROUNDS[b][1]}" for b in BACKGROUNDS],
+        "plain": [(f"a photo of a {subject}", None)],
+        "background": [(f"a photo of a {subject} {toy_world.BACKGROUNDS[b][1]}", b) for b in BACKGROUNDS],
     }
 
 
-def score_prompts(scorer, pipe, name: str, prompts: dict[str, list[str]], num_images: int) -> dict[str, list[float]]:
-    """Fidelity of every image, per prompt group (num_images per prompt)."""
-    return {
-        group: [
-            s for p in texts for s in scorer.score(toy_fidelity.generate(pipe, p, num_images, seed=0), name).tolist()
-        ]
-        for group, texts in prompts.items()
-    }
+def score_prompts(scorer, pipe, name: str, prompts: dict, num_images: int) -> dict[str, list[float]]:
+    """Fidelity of every image per prompt group (num_images per prompt), and P(the prompt's
+    background) of the background group's images."""
+    scores = {group: [] for group in prompts} | {"background_followed": []}
+    for group, texts in prompts.items():
+        for prompt, background in texts:
+            images = toy_fidelity.generate(pipe, prompt, num_images, seed=0)
+            scores[group] += scorer.score(images, name).tolist()
+            if background is not None:
+                scores["background_followed"] += scorer.background(images, background).tolist()
+    return scores
 
 
 def image_cell(scores: list[float]) -> str:
@@ -146,17 +151,15 @@ def main():
     )
     print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
     print("|---|---|---|" + "---|" * len(settings) + "---|")
+    groups = {"plain": "plain", "background": "on a background", "background_followed": "P(that background)"}
     for name in names:
         entry = results[name]
-        for group in ("plain", "background"):
-            cells = [
-                run_cell([run[group] for run in entry["runs"].get(s, {}).values()]) if entry["runs"].get(s) else ""
-                for s in settings
-            ]
+        for group, label in groups.items():
+            runs = {s: [run[group] for run in entry["runs"].get(s, {}).values() if group in run] for s in settings}
+            cells = [run_cell(runs[s]) if runs[s] else "" for s in settings]
+            words = image_cell(entry["words"][group]) if group in entry["words"] else ""
             ceiling = image_cell(entry["ceiling"]) if group == "plain" else ""
-            print(
-                f"| <{name}> | {group} | {image_cell(entry['words'][group])} | " + " | ".join(cells) + f" | {ceiling} |"
-            )
+            print(f"| <{name}> | {label} | {words} | " + " | ".join(cells) + f" | {ceiling} |")
     print(f"\nraw scores: {results_path}")
 
 

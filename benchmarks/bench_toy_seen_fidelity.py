@@ -50,7 +50,8 @@ def main():
     rows = []
     for kind, colour in pairings:
         images = toy_fidelity.generate(pipe, f"a photo of a {colour} {kind}", args.num_images, seed=0)
-        p_kind, p_colour = scorer.probabilities(images)
+        p = scorer.probabilities(images)
+        p_kind, p_colour = p["kind"], p["colour"]
         k, c = toy_world.KINDS.index(kind), COLOUR_NAMES.index(colour)
         rows.append({
             "kind": kind, "colour": colour,

@@ -1,13 +1,15 @@
-"""A small CNN that tells a toy-world image's kind and colour, and the fidelity score built on it.
+"""A small CNN that tells a toy-world image's kind, colour and background, and the scores built on it.
 
-The recogniser reads a 64x64 image and gives two distributions: over the 5 kinds of the world and
-over its 8 colours. The fidelity of an image to a held-out concept (toy_infinity.world) is
+The recogniser reads a 64x64 image and gives three distributions: over the 5 kinds of the world,
+its 8 object colours and its 6 backgrounds. The fidelity of an image to a held-out concept
+(toy_infinity.world) is
 
     fidelity = P(kind = concept's kind) * P(object colour = concept's colour)      in [0, 1]
 
 so an image scores high only if it shows that object in that colour: a pink circle, a red cross or
-a shapeless pink blob all score low. The background is not scored (it varies across the concept's
-own images too).
+a shapeless pink blob all score low. The background is not part of it (it varies across the
+concept's own images too); P(background) says whether a prompt's "... on grass" was followed, which
+is how editable a learned concept is.
 
 Why it is fair: the recogniser never sees the toy Infinity or its VAE. It is trained on fresh
 renders of every kind, colour, size and background (uniformly, other seeds than the pretraining
@@ -17,6 +19,7 @@ inversion on the question "does the image show the concept", with the concept's 
 ceiling (close to 1) and other toy objects as the floor (close to 0).
 
     python -m toy_infinity.recogniser     # trains it (~4 minutes on 2 cores), writes recogniser.safetensors
+    python -m toy_infinity.recogniser --only_head background   # a head on the frozen rest
 """
 
 from __future__ import annotations
@@ -37,11 +40,14 @@ from toy_infinity import world as toy_world
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recogniser.safetensors")
 COLOUR_NAMES = tuple(toy_world.COLOURS)
+BACKGROUND_NAMES = tuple(toy_world.BACKGROUNDS)
+CLASSES = {"kind": toy_world.KINDS, "colour": COLOUR_NAMES, "background": BACKGROUND_NAMES}
 TRAINING_SEED = 777_000  # far from the seeds of the pretraining set and the concept images
 
 
 class ToyRecogniser(nn.Module):
-    """Four conv + batch-norm + ReLU stages (64 -> 8 pixels), global pooling, two linear heads."""
+    """Four conv + batch-norm + ReLU stages (64 -> 8 pixels), global pooling, a linear head per
+    attribute (kind, colour, background)."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -56,14 +62,15 @@ class ToyRecogniser(nn.Module):
             if i < 3:
                 layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
-        self.kind_head = nn.Linear(2 * channels[-1], len(toy_world.KINDS))
-        self.colour_head = nn.Linear(2 * channels[-1], len(COLOUR_NAMES))
+        self.kind_head = nn.Linear(2 * channels[-1], len(CLASSES["kind"]))
+        self.colour_head = nn.Linear(2 * channels[-1], len(CLASSES["colour"]))
+        self.background_head = nn.Linear(2 * channels[-1], len(CLASSES["background"]))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, 3, 64, 64) in [-1, 1] -> kind logits (B, 5), colour logits (B, 8)."""
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x (B, 3, 64, 64) in [-1, 1] -> logits per attribute: kind (B, 5), colour (B, 8), background (B, 6)."""
         h = self.features(x)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)  # mean: how much, max: whether at all
-        return self.kind_head(pooled), self.colour_head(pooled)
+        return {name: getattr(self, f"{name}_head")(pooled) for name in CLASSES}
 
 
 def to_input(images) -> torch.Tensor:
@@ -80,16 +87,19 @@ class FidelityScorer:
         self.model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def probabilities(self, images) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P(kind) (B, 5) in toy_world.KINDS order, P(colour) (B, 8) in COLOUR_NAMES order)."""
-        kind_logits, colour_logits = self.model(to_input(images))
-        return kind_logits.softmax(-1), colour_logits.softmax(-1)
+    def probabilities(self, images) -> dict[str, torch.Tensor]:
+        """P(kind) (B, 5), P(colour) (B, 8), P(background) (B, 6), in the orders of CLASSES."""
+        return {name: logits.softmax(-1) for name, logits in self.model(to_input(images)).items()}
 
     def score(self, images, concept: str | toy_world.HeldOutConcept) -> torch.Tensor:
         """Fidelity of each image to the concept, (B,) in [0, 1]."""
         concept = toy_world.HELD_OUT_CONCEPTS[concept] if isinstance(concept, str) else concept
-        kinds, colours = self.probabilities(images)
-        return kinds[:, toy_world.KINDS.index(concept.kind)] * colours[:, COLOUR_NAMES.index(concept.colour)]
+        p = self.probabilities(images)
+        return p["kind"][:, toy_world.KINDS.index(concept.kind)] * p["colour"][:, COLOUR_NAMES.index(concept.colour)]
+
+    def background(self, images, background: str) -> torch.Tensor:
+        """P(the background is `background`) for each image, (B,)."""
+        return self.probabilities(images)["background"][:, BACKGROUND_NAMES.index(background)]
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -106,49 +116,52 @@ def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
-def training_batch(batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labels_of(objects: list[toy_world.ToyObject]) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor([CLASSES[name].index(getattr(o, name)) for o in objects]) for name in CLASSES}
+
+
+def training_batch(batch_size: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     objects = [toy_world.sample_object(rng) for _ in range(batch_size)]
-    images = [augment(toy_world.render(obj), rng) for obj in objects]
-    kinds = torch.tensor([toy_world.KINDS.index(o.kind) for o in objects])
-    colours = torch.tensor([COLOUR_NAMES.index(o.colour) for o in objects])
-    return to_input(images), kinds, colours
+    return to_input([augment(toy_world.render(obj), rng) for obj in objects]), labels_of(objects)
 
 
 def train(args) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(TRAINING_SEED + args.seed)
     model = ToyRecogniser()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    trained = list(CLASSES)
+    if args.only_head:  # the rest as it is (frozen, batch norm in eval mode): its scores do not change
+        state = {k: v.float() for k, v in load_file(args.weights).items()}
+        model.load_state_dict(state, strict=False)
+        trained = [args.only_head]
+        model.eval().requires_grad_(False)
+        head = getattr(model, f"{args.only_head}_head")
+        head.reset_parameters()  # from scratch, whatever the file held for it
+        head.requires_grad_(True)
+    else:
+        model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    model.train()
     bar = tqdm(range(args.steps), desc="recogniser", unit="step")
     for _ in bar:
-        x, kinds, colours = training_batch(args.batch_size, rng)
-        kind_logits, colour_logits = model(x)
-        loss = F.cross_entropy(kind_logits, kinds) + F.cross_entropy(colour_logits, colours)
+        x, labels = training_batch(args.batch_size, rng)
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in trained)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    with torch.no_grad():  # held-out check on clean and on augmented renders
-        for name, clean in (("clean", True), ("augmented", False)):
+    with torch.no_grad():  # held-out check on fresh clean and augmented renders (other seeds)
+        for kind_of_render, clean in (("clean", True), ("augmented", False)):
             test_rng = np.random.default_rng(TRAINING_SEED - 1)
             objects = [toy_world.sample_object(test_rng) for _ in range(800)]
             images = [toy_world.render(o) if clean else augment(toy_world.render(o), test_rng) for o in objects]
-            kind_logits, colour_logits = model(to_input(images))
-            kind_acc = (
-                (kind_logits.argmax(-1) == torch.tensor([toy_world.KINDS.index(o.kind) for o in objects]))
-                .float()
-                .mean()
-            )
-            colour_acc = (
-                (colour_logits.argmax(-1) == torch.tensor([COLOUR_NAMES.index(o.colour) for o in objects]))
-                .float()
-                .mean()
-            )
-            print(f"{name} renders: kind accuracy {kind_acc:.3f}, colour accuracy {colour_acc:.3f}")
+            logits, labels = model(to_input(images)), labels_of(objects)
+            accuracy = {name: (logits[name].argmax(-1) == labels[name]).float().mean().item() for name in CLASSES}
+            print(f"{kind_of_render} renders: " + ", ".join(f"{k} accuracy {v:.3f}" for k, v in accuracy.items()))
     save_file({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, args.weights)
     print(f"wrote {args.weights}")
 
@@ -160,6 +173,12 @@ def parse_args():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+    p.add_argument(
+        "--only_head",
+        choices=list(CLASSES),
+        default=None,
+        help="Train this head alone on the frozen rest of --weights (the other scores stay bit for bit).",
+    )
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
