@@ -247,17 +247,8 @@ def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(
 
 def test_checkpoints_are_pruned_to_the_limit(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
-    run(
-        tiny_pipeline_dir,
-        concept_dir,
-        out,
-        "--max_train_steps",
-        "6",
-        "--checkpointing_steps",
-        "2",
-        "--checkpoints_total_limit",
-        "2",
-    )
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+        "--checkpoints_total_limit", "2")  # fmt: skip
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
 
 
@@ -274,17 +265,8 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     monkeypatch.setattr(train, "save_checkpoint", killed_at_step_4)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        run(
-            tiny_pipeline_dir,
-            concept_dir,
-            out,
-            "--max_train_steps",
-            "6",
-            "--checkpointing_steps",
-            "2",
-            "--checkpoints_total_limit",
-            "1",
-        )
+        run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "6", "--checkpointing_steps", "2",
+            "--checkpoints_total_limit", "1")  # fmt: skip
     assert [d for d in os.listdir(out) if d.startswith("checkpoint")] == ["checkpoint-2"]
 
 
