@@ -5,8 +5,6 @@ folder or hub id load the same way (safetensors weights only)."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 
 import torch
@@ -16,34 +14,25 @@ from PIL import Image
 SIMILARITY_MODEL_TYPES = ("clip", "dinov2")
 
 
-def check_model_type(name_or_path: str, model_type: str | None) -> None:
+def check_similarity_model(name_or_path: str) -> str:
+    """Reads only the model's config (a folder's or a hub repo's config.json) and refuses a model
+    that is neither CLIP nor DINOv2; returns its model type. Every process checks it before any
+    model loads."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot read the config of --validation_similarity_model {name_or_path} ({e}); pass a local "
+            "folder or a hub id this machine can reach"
+        ) from e
     if model_type not in SIMILARITY_MODEL_TYPES:
         raise ValueError(
-            f"--validation_similarity_model {name_or_path} is a {model_type or 'unknown'} model; pass a CLIP or "
+            f"--validation_similarity_model {name_or_path} is a {model_type} model; pass a CLIP or "
             "DINOv2 model (e.g. openai/clip-vit-base-patch32, facebook/dinov2-small)"
         )
-
-
-def check_similarity_model(name_or_path: str) -> None:
-    """Reads only the model's config (a local folder's, or a hub repo's config.json) and refuses a
-    model that is neither CLIP nor DINOv2: checked by every process before any model loads."""
-    if os.path.isdir(name_or_path):
-        try:
-            with open(os.path.join(name_or_path, "config.json"), encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError):
-            model_type = None
-    else:
-        from transformers import AutoConfig
-
-        try:
-            model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"cannot read the config of --validation_similarity_model {name_or_path} ({e}); pass a local "
-                "folder or a hub id this machine can reach"
-            ) from e
-    check_model_type(name_or_path, model_type)
+    return model_type
 
 
 class ConceptSimilarity:
@@ -54,10 +43,9 @@ class ConceptSimilarity:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: torch.device | str = "cpu") -> ConceptSimilarity:
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
+        from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPModel
 
-        model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        check_model_type(name_or_path, model_type)
+        model_type = check_similarity_model(name_or_path)
         if model_type == "clip":
             model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True)
             processor = AutoProcessor.from_pretrained(name_or_path)
