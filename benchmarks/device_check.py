@@ -7,7 +7,7 @@ the TI step (forward, backward, AdamW on the learned vector) in each --ti_mode, 
 Then seconds per generated image (CFG 3, VAE decode). Random weights: time and memory do not
 depend on them.
 
-    bash benchmarks/device_check.sh              # on the GPU machine (about 5 minutes on an H200)
+    bash benchmarks/device_check.sh              # on the GPU machine (63 s on an H200)
     bash benchmarks/device_check.sh --dry-run    # the same code, tiny model on the CPU (CI)
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (at most 8 minutes): TI step time and peak memory on the
+# The one script a GPU session runs (63 s on an H200, at most 8 minutes): TI step time and peak memory on the
 # Infinity-2B architecture at 0.25M and 1M, each --ti_mode, with and without
 # --gradient_checkpointing, the step / forward ratio, and seconds per generated image at 1M.
 #   bash benchmarks/device_check.sh            # needs CUDA
