@@ -2,25 +2,29 @@
 
 Every image is one flat-coloured object on a plain background, rendered at IMAGE_SIZE x IMAGE_SIZE
 from a seed (numpy's PCG64, so the same seed gives the same pixels everywhere). An object is a
-kind (shape), a colour, a size and a background. Captions name the kind, and sometimes the
-colour, the size and the background, inside the textual-inversion templates: "a photo of a small
-red circle in the sky", "a rendering of a square at night".
+kind (shape), a colour, a size, a background and a view: a small shift, scaling, rotation and
+brightness change of its own, so that 8 pictures of one object are 8 different pictures. Captions
+name the kind, and sometimes the colour, the size and the background, inside the
+textual-inversion templates: "a photo of a small red circle in the sky", "a rendering of a square
+at night".
 
-The world is small on purpose, so that a 1M-parameter transformer learns it in minutes on 2
-CPU cores. Objects are large, centred and of two fixed sizes, so that the kind already shows in
-the coarse scales, which the transformer learns from the prompt. Backgrounds are named by their
-own words (sky, grass, ...), not by colour words: with "a red circle on a white background" the
-model swapped object and background colours.
+Half of the kinds have no name: a star, a heart, a moon, a ring and an arrow are all captioned
+"thing". The model draws them when a caption leaves room ("a photo of a red thing" is any of the
+five), but no words lead to one of them: they are the looks a user cannot describe and textual
+inversion has to find.
 
-Held-out concepts: three pairings of kind and colour (a pink cross, a purple square, a yellow
-circle) never appear in pretraining, neither drawn nor captioned, although each kind and each
-colour appears often in other pairings. A concept is one such object, the way one's own teapot is
-always the same teapot (examples/concepts/<name>/: 8 images on varied backgrounds). Textual
-inversion starts from the kind's word (the initializer) and has to find, in one token, the look
-the model has never been shown. (Two earlier worlds held out looks that no caption named at all:
-kinds called only "thing" (star, heart, moon) and colours never named (orange, teal, brown). The
-model drew them when a caption left the attribute open, but had no text direction for them, and
-textual inversion found none: an unnamed attribute is never tied to the text.)
+The world is small on purpose, so that a 1M-parameter transformer learns it within an hour on 2
+CPU cores. Objects are large and near the centre, so that the kind already shows in the coarse
+scales. Backgrounds are named by their own words (sky, grass, ...), not by colour words: with "a
+red circle on a white background" the model swapped object and background colours.
+
+Concepts (CONCEPTS; examples/concepts/<name>/: 8 views on varied backgrounds each), the way one's
+own teapot is always the same teapot:
+- nameable: a kind and a colour that pretraining never pairs (a pink cross), although each appears
+  often in other pairings. Words reach them ("a photo of a pink cross"); the learned token must do
+  better.
+- unnamed: an unnamed kind in one colour (a red star). Pretraining shows it, but only as "a red
+  thing", one of five; the best words ("a photo of a red thing") reach it one time in five.
 
     python -m toy_infinity.world        # from the repository root: writes examples/concepts/
 """
@@ -59,7 +63,11 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], str]] = {  # name: (colour, c
     "brick": (COLOURS["red"], "on bricks"),
 }
 SIZES: dict[str, float] = {"small": 19.0, "large": 27.0}  # radius, pixels; every object is centred
-KINDS = ("circle", "square", "triangle", "cross", "diamond")
+NAMED_KINDS = ("circle", "square", "triangle", "cross", "diamond")
+UNNAMED_KINDS = ("star", "heart", "moon", "ring", "arrow")  # captioned GENERIC_KIND_WORD
+KINDS = NAMED_KINDS + UNNAMED_KINDS
+GENERIC_KIND_WORD = "thing"
+VIEWS_PER_OBJECT = 8  # pretraining's views of each object; concept images have views of their own
 
 # How often a caption names each attribute; omitting them teaches the
 # model the marginals, so that short prompts such as "a photo of a circle" are in distribution.
@@ -91,23 +99,32 @@ class ToyObject:
     colour: str  # a key of COLOURS
     background: str  # a key of BACKGROUNDS
     size: str
+    view: int = 0  # 0: centred and upright; any other: a shift, scale, rotation and brightness of its own
+
+
+def kind_word(kind: str) -> str:
+    return GENERIC_KIND_WORD if kind in UNNAMED_KINDS else kind
 
 
 @dataclass(frozen=True)
 class HeldOutConcept:
     name: str  # the folder name; the placeholder is <name>
     kind: str  # what every image of the concept shows ...
-    colour: str  # ... in this colour, a pairing pretraining never shows
+    colour: str  # ... in this colour
+
+    @property
+    def nameable(self) -> bool:
+        return self.kind in NAMED_KINDS
 
     @property
     def initializer(self) -> str:
-        """The closest one word gets: the kind."""
-        return self.kind
+        """The closest one word gets: the kind's word."""
+        return kind_word(self.kind)
 
     @property
     def words_prompt(self) -> str:
         """The best plain-words description, the baseline a learned token must beat."""
-        return f"a photo of a {self.colour} {self.kind}"
+        return f"a photo of a {self.colour} {self.initializer}"
 
 
 HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
@@ -115,49 +132,114 @@ HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
     for c in (
         HeldOutConcept("pink-cross", "cross", "pink"),
         HeldOutConcept("purple-square", "square", "purple"),
-        HeldOutConcept("yellow-circle", "circle", "yellow"),
+        HeldOutConcept("red-star", "star", "red"),
+        HeldOutConcept("blue-heart", "heart", "blue"),
     )
 }
-HELD_OUT_PAIRS = {(c.kind, c.colour) for c in HELD_OUT_CONCEPTS.values()}
+# The nameable concepts' pairings never appear in pretraining; the unnamed ones do, as "a red thing".
+HELD_OUT_PAIRS = {(c.kind, c.colour) for c in HELD_OUT_CONCEPTS.values() if c.nameable}
 
 
 # ---- rendering ------------------------------------------------------------------------------------
-def _polygon(n: int, radius: float, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
-    """Regular polygon around the origin; y points down."""
+Outline = list[tuple[float, float]]
+
+
+def _regular_polygon(n: int, radius: float, phase: float = -math.pi / 2) -> Outline:
     return [
         (radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
         for i in range(n)
     ]
 
 
-def _draw_kind(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
-    def shifted(points):
-        return [(cx + x, cy + y) for x, y in points]
+def _circle(radius: float, cx: float = 0.0) -> Outline:
+    return [(cx + x, y) for x, y in _regular_polygon(96, radius)]
 
+
+def _outlines(kind: str) -> tuple[Outline, Outline | None]:
+    """The kind's outline around the origin for radius 1 (y points down), and the hole cut out of
+    it (drawn in the background colour), if any. Everything is a polygon, so that a view rotates
+    the points rather than the pixels."""
     if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif kind == "square":
-        h = 0.85 * r
-        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
-    elif kind == "triangle":
-        draw.polygon(shifted(_polygon(3, 1.1 * r)), fill=fill)
-    elif kind == "diamond":
-        draw.polygon(shifted(_polygon(4, 1.05 * r)), fill=fill)
-    elif kind == "cross":
-        arm = 0.36 * r
-        draw.rectangle([cx - r, cy - arm, cx + r, cy + arm], fill=fill)
-        draw.rectangle([cx - arm, cy - r, cx + arm, cy + r], fill=fill)
-    else:
-        raise ValueError(f"unknown kind {kind!r}; kinds are {KINDS}")
+        return _circle(1.0), None
+    if kind == "square":
+        return [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)], None
+    if kind == "triangle":
+        return _regular_polygon(3, 1.1), None
+    if kind == "diamond":
+        return _regular_polygon(4, 1.05), None
+    if kind == "cross":
+        a = 0.36
+        return [
+            (-a, -1),
+            (a, -1),
+            (a, -a),
+            (1, -a),
+            (1, a),
+            (a, a),
+            (a, 1),
+            (-a, 1),
+            (-a, a),
+            (-1, a),
+            (-1, -a),
+            (-a, -a),
+        ], None
+    if kind == "star":  # five points
+        return [
+            (q * math.cos(t), q * math.sin(t))
+            for q, t in ((1.15 if i % 2 == 0 else 0.48, -math.pi / 2 + math.pi * i / 5) for i in range(10))
+        ], None
+    if kind == "heart":  # the parametric heart curve
+        ts = [2 * math.pi * i / 120 for i in range(120)]
+        return [
+            (
+                16 * math.sin(t) ** 3 / 15.5,
+                (2.5 - 13 * math.cos(t) + 5 * math.cos(2 * t) + 2 * math.cos(3 * t) + math.cos(4 * t)) / 15.5,
+            )
+            for t in ts
+        ], None
+    if kind == "moon":  # a crescent opening to the right
+        return _circle(1.0), _circle(1.0, cx=0.55)
+    if kind == "ring":
+        return _circle(1.0), _circle(0.55)
+    if kind == "arrow":  # pointing right
+        return [(-1, -0.3), (0.05, -0.3), (0.05, -0.85), (1.05, 0), (0.05, 0.85), (0.05, 0.3), (-1, 0.3)], None
+    raise ValueError(f"unknown kind {kind!r}; kinds are {KINDS}")
+
+
+def view_parameters(view: int) -> tuple[float, float, float, float, float]:
+    """(dx, dy) in pixels, scale, rotation in degrees and brightness of a view; view 0 is the identity.
+    Small enough that the kind and colour stay unmistakable."""
+    if view == 0:
+        return 0.0, 0.0, 1.0, 0.0, 1.0
+    rng = np.random.default_rng([view, 7919])
+    dx, dy = rng.uniform(-4, 4, size=2)
+    return (
+        float(dx),
+        float(dy),
+        float(rng.uniform(0.88, 1.06)),
+        float(rng.uniform(-20, 20)),
+        float(rng.uniform(0.9, 1.1)),
+    )
 
 
 def render(obj: ToyObject) -> Image.Image:
     """The object as an RGB image of IMAGE_SIZE x IMAGE_SIZE."""
     s = SUPERSAMPLING
+    dx, dy, scale, angle, brightness = view_parameters(obj.view)
+    radius, turn = SIZES[obj.size] * scale * s, math.radians(angle)
+    cx, cy = (IMAGE_SIZE / 2 + dx) * s, (IMAGE_SIZE / 2 + dy) * s
+    cos, sin = math.cos(turn), math.sin(turn)
+
+    def placed(outline: Outline) -> Outline:
+        return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in outline]
+
     background = BACKGROUNDS[obj.background][0]
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)
-    centre = IMAGE_SIZE * s / 2
-    _draw_kind(ImageDraw.Draw(canvas), obj.kind, centre, centre, SIZES[obj.size] * s, COLOURS[obj.colour])
+    draw = ImageDraw.Draw(canvas)
+    outline, hole = _outlines(obj.kind)
+    draw.polygon(placed(outline), fill=tuple(min(255, round(c * brightness)) for c in COLOURS[obj.colour]))
+    if hole is not None:
+        draw.polygon(placed(hole), fill=background)
     return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
 
 
@@ -170,11 +252,13 @@ def sample_object(
     rng: np.random.Generator, kind: str | None = None, colour: str | None = None, pretraining: bool = False
 ) -> ToyObject:
     """A random object; `kind` and `colour` fix those attributes. Object and background differ.
-    With `pretraining`, never a held-out pairing (drawn again instead)."""
+    With `pretraining`, one of the VIEWS_PER_OBJECT views and never a held-out pairing (drawn again
+    instead); otherwise a view pretraining never shows."""
     while True:
         obj_kind, obj_colour = kind or _choice(rng, KINDS), colour or _choice(rng, tuple(COLOURS))
         background = _choice(rng, tuple(b for b, (rgb, _) in BACKGROUNDS.items() if rgb != COLOURS[obj_colour]))
-        obj = ToyObject(obj_kind, obj_colour, background, _choice(rng, tuple(SIZES)))
+        view = int(rng.integers(VIEWS_PER_OBJECT) if pretraining else rng.integers(VIEWS_PER_OBJECT, 2**31))
+        obj = ToyObject(obj_kind, obj_colour, background, _choice(rng, tuple(SIZES)), view)
         if not (pretraining and (obj_kind, obj_colour) in HELD_OUT_PAIRS):
             return obj
 
@@ -186,7 +270,7 @@ def describe(obj: ToyObject, rng: np.random.Generator) -> str:
         words.append(obj.size)
     if rng.random() < COLOUR_WORD_RATE:
         words.append(obj.colour)
-    words.append(obj.kind)
+    words.append(kind_word(obj.kind))
     if rng.random() < BACKGROUND_WORD_RATE:
         words.append(BACKGROUNDS[obj.background][1])
     templates, weights = zip(*TEMPLATES)
@@ -195,16 +279,17 @@ def describe(obj: ToyObject, rng: np.random.Generator) -> str:
 
 
 def pretraining_objects() -> list[ToyObject]:
-    """Every object pretraining can show: 5 kinds x 42 colour-background pairs x 2 sizes, less the
-    held-out pairings (3 x 5 or 6 backgrounds x 2 sizes) = 386."""
+    """Every object pretraining can show: 10 kinds x 42 colour-background pairs x 2 sizes x 8 views,
+    less the held-out pairings."""
     return [
-        ToyObject(kind, colour, background, size)
+        ToyObject(kind, colour, background, size, view)
         for kind in KINDS
         for colour, colour_rgb in COLOURS.items()
         if (kind, colour) not in HELD_OUT_PAIRS
         for background, (rgb, _) in BACKGROUNDS.items()
         if rgb != colour_rgb
         for size in SIZES
+        for view in range(VIEWS_PER_OBJECT)
     ]
 
 
@@ -223,7 +308,7 @@ def caption_corpus(n: int, seed: int) -> list[str]:
 
 
 def render_concept_images(concept: HeldOutConcept, n: int, seed: int) -> list[Image.Image]:
-    """n images of a held-out concept, at random sizes and backgrounds."""
+    """n images of a concept, at random sizes, backgrounds and views."""
     rng = np.random.default_rng(seed)
     return [render(sample_object(rng, kind=concept.kind, colour=concept.colour)) for _ in range(n)]
 
@@ -249,6 +334,7 @@ def main():
             "placeholder_token": f"<{concept.name}>",
             "initializer": concept.initializer,
             "kind": concept.kind,
+            "nameable": concept.nameable,
             "colour": concept.colour,
             "image_size": IMAGE_SIZE,
             "pn": PN,
