@@ -1,5 +1,5 @@
-"""The toy world (toy_infinity, examples/): a deterministic renderer, held-out concepts that pretraining never
-shows, the committed toy Infinity, the fidelity recogniser, and textual inversion that learns."""
+"""The toy world (toy_infinity, examples/): a deterministic renderer of varied views, concepts that pretraining
+never shows or never names, the committed toy Infinity, the fidelity recogniser, and textual inversion that learns."""
 
 import glob
 import importlib.util
@@ -47,18 +47,35 @@ def test_renderer_is_deterministic_for_a_seed():
     assert images_a[0].size == (toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE)
 
 
-def test_held_out_pairings_never_appear_in_pretraining_but_their_parts_do():
+def test_nameable_concepts_never_appear_in_pretraining_and_unnamed_kinds_are_never_named():
     _, captions, objects = toy_world.pretraining_examples(3000, seed=0)
     assert set(objects) <= set(toy_world.pretraining_objects())
-    for concept in toy_world.HELD_OUT_CONCEPTS.values():
-        assert not any((o.kind, o.colour) == (concept.kind, concept.colour) for o in objects)
-        assert not any(f"{concept.colour} {concept.kind}" in caption for caption in captions)
-        assert (
-            sum(o.kind == concept.kind for o in objects) > 300
-            and sum(o.colour == concept.colour for o in objects) > 200
-        )
     words = {w for caption in captions for w in caption.split()}
-    assert set(toy_world.COLOURS) <= words and set(toy_world.KINDS) <= words
+    assert set(toy_world.COLOURS) <= words and set(toy_world.NAMED_KINDS) <= words
+    assert toy_world.GENERIC_KIND_WORD in words and not set(toy_world.UNNAMED_KINDS) & words
+    concepts = toy_world.HELD_OUT_CONCEPTS.values()
+    assert sum(c.nameable for c in concepts) >= 2 and sum(not c.nameable for c in concepts) >= 2
+    for concept in concepts:
+        shown = sum((o.kind, o.colour) == (concept.kind, concept.colour) for o in objects)
+        if concept.nameable:  # a new pairing of a kind and a colour pretraining shows often
+            assert shown == 0 and not any(f"{concept.colour} {concept.kind}" in caption for caption in captions)
+            assert sum(o.kind == concept.kind for o in objects) > 150
+            assert sum(o.colour == concept.colour for o in objects) > 200
+        else:  # drawn, but only ever called a thing
+            assert shown > 10 and concept.initializer == toy_world.GENERIC_KIND_WORD
+
+
+def test_a_concepts_images_are_different_views_none_of_them_in_pretraining():
+    for i, concept in enumerate(toy_world.HELD_OUT_CONCEPTS.values()):
+        rng = np.random.default_rng(i)
+        objects = [toy_world.sample_object(rng, kind=concept.kind, colour=concept.colour) for _ in range(8)]
+        assert all(o.view >= toy_world.VIEWS_PER_OBJECT for o in objects)  # pretraining shows views 0..7
+        images = pixels([toy_world.render(o) for o in objects])
+        assert len({im.tobytes() for im in images}) == 8
+        # the same object and background in another view moves pixels, not just a few at the edge
+        same = [toy_world.ToyObject(concept.kind, concept.colour, "grass", "large", view) for view in (0, 1, 2)]
+        views = pixels([toy_world.render(o) for o in same]).astype(int)
+        assert (np.abs(views[1:] - views[0]).max(-1) > 60).mean() > 0.03
 
 
 def test_committed_concepts_have_images_at_the_model_size_and_an_initializer_word(toy_pipe):
@@ -72,6 +89,8 @@ def test_committed_concepts_have_images_at_the_model_size_and_an_initializer_wor
         pieces = toy_pipe.tokenizer.tokenize(entry["initializer"])  # several pieces start from their mean
         assert toy_pipe.tokenizer.unk_token not in pieces
         assert entry["placeholder_token"] not in toy_pipe.tokenizer.get_vocab()
+        concept = toy_world.HELD_OUT_CONCEPTS[name]
+        assert entry["words_prompt"] == concept.words_prompt and entry["nameable"] == concept.nameable
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
@@ -98,11 +117,11 @@ def test_fidelity_ranks_a_concepts_own_images_above_other_objects():
 
 
 def test_the_learned_token_beats_the_best_words(tmp_path):
-    """The main job for real, with the training script's default recipe: the script learns
-    <pink-cross> from its 8 images on the toy Infinity; "a photo of a <pink-cross>" then shows a
-    pink cross more often than the best description in words, "a photo of a pink cross", and far
-    more often than the initializer word alone (same sampling seeds)."""
-    name = "pink-cross"
+    """The main job for real, with the training script's default recipe and the demo's concept: the
+    script learns <blue-heart> from its 8 images on the toy Infinity; "a photo of a <blue-heart>" then
+    shows a blue heart far more often than the best description in words, "a photo of a blue thing",
+    and than the initializer word alone, "a photo of a thing" (same sampling seeds)."""
+    name = "blue-heart"
     concept = toy_world.HELD_OUT_CONCEPTS[name]
     embedding = train_concept(TOY_MODEL, CONCEPTS, name, str(tmp_path / name))
     assert os.path.isfile(os.path.join(embedding, "learned_embeds.safetensors"))
@@ -110,16 +129,17 @@ def test_the_learned_token_beats_the_best_words(tmp_path):
     words = generate(InfinityPipeline.from_pretrained(TOY_MODEL), concept.words_prompt, NUM_IMAGES, seed=0)
     scorer = FidelityScorer()
     before, words, after = (scorer.score(images, name) for images in (before, words, after))
-    # Measured on these 16 sampling seeds (benchmarks/bench_toy_fidelity.py, training seed 0):
-    # words 0.50, learned token 0.74; over 32 images x 3 training seeds: words 0.469 ± 0.039, token
-    # 0.724 ± 0.008. A margin of 0.1 over the words sits well below the measured gain (0.25), yet
-    # fails when learning fails: the token starts as "cross", which scores about 0.
-    assert after.mean() - words.mean() > MARGIN, (words.tolist(), after.tolist())
+    # Measured on these 16 sampling seeds (benchmarks/bench_toy_fidelity.py, training seed 0): words
+    # 0.08, learned token 0.50; over 32 images x 3 training seeds: words 0.094 ± 0.032, token 0.513 ±
+    # 0.023. A margin of 0.2 sits well below the measured gain (0.42), yet fails when learning fails:
+    # the token starts as "thing", which draws a blue heart no more often than the words.
+    assert after.mean() - words.mean() > 2 * MARGIN, (words.tolist(), after.tolist())
     assert after.mean() - before.mean() > 3 * MARGIN, (before.tolist(), after.tolist())
 
 
 def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
     """A few steps of each stage; stopped once in the VAE stage and once in the transformer stage."""
+    monkeypatch.setattr(toy_world, "VIEWS_PER_OBJECT", 1)  # an eighth of the world to render and encode
     spec = importlib.util.spec_from_file_location(
         "pretrain", os.path.join(ROOT, "examples", "pretrain_toy_infinity.py")
     )

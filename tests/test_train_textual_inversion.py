@@ -67,11 +67,11 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
             "validation", "logs"} <= files  # fmt: skip
     assert not [f for f in files if f.endswith(".tmp")]
     with safe_open(out / "learned_embeds.safetensors", "pt") as f:
-        # the default output mode: 4 learned output vectors and the fixed T5 input rows ("dog" is one piece)
+        # the default output mode: 8 learned output vectors and the fixed T5 input rows ("dog" is one piece)
         assert list(f.keys()) == [PLACEHOLDER, PLACEHOLDER + ".t5_input"]
-        assert f.get_tensor(PLACEHOLDER).shape == (4, 128)
+        assert f.get_tensor(PLACEHOLDER).shape == (8, 128)
         meta = f.metadata()
-    assert json.loads(meta["tokens"]) == [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in (1, 2, 3)]
+    assert json.loads(meta["tokens"]) == [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in range(1, 8)]
     assert meta["initializer_token"] == "dog" and meta["step"] == "4"
     assert meta["base_model"] == str(tiny_pipeline_dir) and meta["learnable_property"] == "object"
     assert meta["text_encoder"] == os.path.join(str(tiny_pipeline_dir), "text_encoder")  # the folder's own
@@ -82,7 +82,7 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     assert "textual-inversion" in card and PLACEHOLDER in card and "validation/step-000004.png" in card
     # a local base model is no hub link, and the card says what this model is
     assert "base_model:" not in card and str(tiny_pipeline_dir) not in card.split("## Use")[0]
-    assert "Infinity (custom)" in card and "(4, 128)" in card and "2048" not in card and "--model_type" not in card
+    assert "Infinity (custom)" in card and "(8, 128)" in card and "2048" not in card and "--model_type" not in card
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out / "learned_embeds.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
@@ -560,7 +560,7 @@ def test_two_processes_train_one_embedding(tiny_pipeline_dir, concept_dir, tmp_p
     )
     rng = load_file(out / "checkpoint-2" / "step_rng.safetensors")
     assert set(rng) == {"process_0", "process_1"} and not torch.equal(rng["process_0"], rng["process_1"])
-    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)  # output mode: 4 vectors
+    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (8, 128)  # output mode: 8 vectors
 
 
 def test_fp16_from_the_accelerate_config_is_refused_too(tiny_pipeline_dir, concept_dir, tmp_path, capsys, monkeypatch):
@@ -669,7 +669,7 @@ def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipelin
     seen = [names[i].split("_")[0] for batches in ranks for batch in batches for i in batch]
     assert all(len({names[i].split("_")[0] for i in batch}) == 1 for batches in ranks for batch in batches)
     assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(6)) and len(seen) == 6
-    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (4, 128)
+    assert load_file(out / "learned_embeds.safetensors")[PLACEHOLDER].shape == (8, 128)
 
     # stopped after step 2 and resumed to step 4, it ends where an uninterrupted run ends
     assert (
