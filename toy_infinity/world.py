@@ -18,13 +18,14 @@ CPU cores. Objects are large and near the centre, so that the kind already shows
 scales. Backgrounds are named by their own words (sky, grass, ...), not by colour words: with "a
 red circle on a white background" the model swapped object and background colours.
 
-Concepts (CONCEPTS; examples/concepts/<name>/: 8 views on varied backgrounds each), the way one's
+Concepts (HELD_OUT_CONCEPTS; examples/concepts/<name>/: 8 views on varied backgrounds each), the way one's
 own teapot is always the same teapot:
 - nameable: a kind and a colour that pretraining never pairs (a pink cross), although each appears
   often in other pairings. Words reach them ("a photo of a pink cross"); the learned token must do
   better.
 - unnamed: an unnamed kind in one colour (a red star). Pretraining shows it, but only as "a red
-  thing", one of five; the best words ("a photo of a red thing") reach it one time in five.
+  thing", one of five; the best words ("a photo of a red thing") leave the kind to the model's
+  preference among the five.
 
     python -m toy_infinity.world        # from the repository root: writes examples/concepts/
 """
@@ -167,22 +168,10 @@ def _outlines(kind: str) -> tuple[Outline, Outline | None]:
         return _regular_polygon(3, 1.1), None
     if kind == "diamond":
         return _regular_polygon(4, 1.05), None
-    if kind == "cross":
-        a = 0.36
-        return [
-            (-a, -1),
-            (a, -1),
-            (a, -a),
-            (1, -a),
-            (1, a),
-            (a, a),
-            (a, 1),
-            (-a, 1),
-            (-a, a),
-            (-1, a),
-            (-1, -a),
-            (-a, -a),
-        ], None
+    if kind == "cross":  # the top arm's end and the corner after it, turned four times by 90 degrees
+        a = 0.36  # half the width of an arm
+        quarter = [(-a, -1.0), (a, -1.0), (a, -a)]
+        return [(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in quarter], None
     if kind == "star":  # five points
         return [
             (q * math.cos(t), q * math.sin(t))
