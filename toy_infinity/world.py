@@ -152,6 +152,11 @@ def _regular_polygon(n: int, radius: float, phase: float = -math.pi / 2) -> Outl
     ]
 
 
+def _rotated(outline: Outline, cos: float, sin: float) -> Outline:
+    """The outline turned about the origin (clockwise on screen, y pointing down)."""
+    return [(x * cos - y * sin, x * sin + y * cos) for x, y in outline]
+
+
 def _circle(radius: float, cx: float = 0.0) -> Outline:
     return [(cx + x, y) for x, y in _regular_polygon(96, radius)]
 
@@ -171,7 +176,7 @@ def _outlines(kind: str) -> tuple[Outline, Outline | None]:
     if kind == "cross":  # the top arm's end and the corner after it, turned four times by 90 degrees
         a = 0.36  # half the width of an arm
         quarter = [(-a, -1.0), (a, -1.0), (a, -a)]
-        return [(x * c - y * s, x * s + y * c) for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for x, y in quarter], None
+        return [point for c, s in ((1, 0), (0, 1), (-1, 0), (0, -1)) for point in _rotated(quarter, c, s)], None
     if kind == "star":  # five points
         return [
             (q * math.cos(t), q * math.sin(t))
@@ -217,10 +222,9 @@ def render(obj: ToyObject) -> Image.Image:
     dx, dy, scale, angle, brightness = view_parameters(obj.view)
     radius, turn = SIZES[obj.size] * scale * s, math.radians(angle)
     cx, cy = (IMAGE_SIZE / 2 + dx) * s, (IMAGE_SIZE / 2 + dy) * s
-    cos, sin = math.cos(turn), math.sin(turn)
 
     def placed(outline: Outline) -> Outline:
-        return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in outline]
+        return [(cx + radius * x, cy + radius * y) for x, y in _rotated(outline, math.cos(turn), math.sin(turn))]
 
     background = BACKGROUNDS[obj.background][0]
     canvas = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), background)
