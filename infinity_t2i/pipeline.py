@@ -219,6 +219,7 @@ class InfinityPipeline:
         seed: int | None = None,
         generator: Generators = None,
         return_bits: bool = False,
+        prefix_bits: Sequence[torch.Tensor] = (),
         **sampling,
     ) -> InfinityPipelineOutput:
         """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg
@@ -227,7 +228,8 @@ class InfinityPipeline:
 
         With `seed`, image k of the batch draws from its own generator seeded `seed + k` on the
         model's device (for a single image this is the official per-call seeding); `generator`
-        (one for the batch, or one per image) overrides it."""
+        (one for the batch, or one per image) overrides it. `prefix_bits`: the first scales' bits,
+        given instead of drawn (see `sample`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         text = self.encode_prompt(prompts)
@@ -249,6 +251,7 @@ class InfinityPipeline:
             SamplingSettings.from_kwargs(**sampling),
             negative_text=negative,
             generator=generator,
+            prefix_bits=prefix_bits,
         )
         pixels = decode_to_uint8(self.transformer, self.vae, out.summed_codes).cpu().numpy()
         images = [Image.fromarray(p) for p in pixels]

@@ -102,11 +102,17 @@ def sample(
     negative_text: TextCondition | None = None,
     generator: Generators = None,
     return_logits: bool = False,
+    prefix_bits: Sequence[torch.Tensor] = (),
 ) -> SamplingOutput:
     """Generates the bits of every scale for the prompts in `text`.
 
     Guidance pairs each prompt with the unconditional rows (`cfg_uncond` cut to its length) or
     with `negative_text`: logits = cfg * cond + (1 - cfg) * uncond, both scaled by 1/tau first.
+
+    `prefix_bits` (per scale (B, h, w, d), e.g. `BSQVAE.encode_bits` of images) are used for the
+    first scales instead of the drawn bits, as the official sampler's `gt_leak`: the model then
+    continues a given coarse layout. The draws still happen, so the later scales see the random
+    stream of a free run.
     """
     cfg_model, device = model.config, text.features.device
     S, B = len(schedule), text.batch_size
@@ -134,6 +140,12 @@ def sample(
     ]
     patchify = cfg_model.spatial_patchify
     vae_grids = schedule.vae_grids(patchify)
+    if len(prefix_bits) > S:
+        raise ValueError(f"prefix_bits has {len(prefix_bits)} scales, the schedule has {S}")
+    for s, (bits, grid) in enumerate(zip(prefix_bits, vae_grids)):
+        expected = (B, *grid, cfg_model.codebook_dim)
+        if tuple(bits.shape) != expected:
+            raise ValueError(f"prefix_bits[{s}] is {tuple(bits.shape)}, scale {s} needs {expected}")
     # channels-last: the official sampler sums permuted code tensors, so its decoder input has this
     # layout, and the decoder's convolutions round by layout
     summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device).to(memory_format=torch.channels_last)
@@ -163,6 +175,8 @@ def sample(
             out.sample_logits.append(logits.clone())
         tokens = sample_bits_from_logits(logits, settings.top_k, settings.top_p, generator)  # B, n, d_token
         bits = tokens_to_bits(tokens, grid, patchify).to(torch.uint8)
+        if s < len(prefix_bits):
+            bits = prefix_bits[s].to(bits)
         out.bits.append(bits)
         codes = bits_to_codes(bits)
         if s == S - 1:

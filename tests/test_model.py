@@ -80,6 +80,24 @@ def test_same_seed_same_bits_other_seed_other_bits():
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.parametrize("patchify", [False, True], ids=["2b-like", "8b-like"])
+def test_prefix_bits_are_kept_and_the_model_continues_them(patchify):
+    model, _ = build_tiny_models(seed=4, spatial_patchify=patchify)
+    schedule = get_schedule(1.0, "0.06M").prefix(5)
+    text = random_text(2, model.config.text_channels, [5, 8])
+    run = lambda prefix: sample(model, text, schedule, generator=torch.Generator().manual_seed(0), prefix_bits=prefix)
+    free = run(()).bits
+    assert all(torch.equal(x, y) for x, y in zip(run(free[:3]).bits, free))  # a run's own prefix: the same run
+    other = sample(model, text, schedule, generator=torch.Generator().manual_seed(9)).bits
+    continued = run(other[:2]).bits
+    assert all(torch.equal(x, y) for x, y in zip(continued[:2], other[:2]))
+    assert not torch.equal(continued[2], free[2])  # later scales follow the given layout
+    with pytest.raises(ValueError, match=r"prefix_bits\[1\]"):
+        run([free[0], free[2]])
+    with pytest.raises(ValueError, match="schedule has 5"):
+        run(free + free[:1])
+
+
 def test_negative_prompt_changes_only_the_unconditional_half():
     model, _ = build_tiny_models(seed=3)
     schedule = get_schedule(1.0, "0.06M").prefix(3)
