@@ -98,6 +98,24 @@ def test_prefix_bits_are_kept_and_the_model_continues_them(patchify):
         run(free + free[:1])
 
 
+def test_the_text_is_seen_without_positions():
+    """Cross-attention and the pooled condition see the text as a set: reordering its rows changes
+    nothing (so identical learned vectors get identical gradients; README, "8 vectors or 4")."""
+    model, _ = build_tiny_models(seed=5)
+    schedule = get_schedule(1.0, "0.06M").prefix(3)
+    text = random_text(2, model.config.text_channels, [6, 4])
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = TextCondition(text.features.clone(), text.mask.clone())
+    shuffled.features[0] = text.features[0, order]
+    shuffled.features[1, :4] = text.features[1, order[order < 4]]
+    x = torch.randn(2, schedule.total_len - 1, model.config.codebook_dim)
+    with torch.no_grad():
+        logits = model(text, x, schedule)
+        assert torch.allclose(logits, model(shuffled, x, schedule), atol=1e-5)
+        shuffled.features[0, 0] = 0  # while what the rows say does matter
+        assert not torch.allclose(logits, model(shuffled, x, schedule), atol=1e-3)
+
+
 def test_negative_prompt_changes_only_the_unconditional_half():
     model, _ = build_tiny_models(seed=3)
     schedule = get_schedule(1.0, "0.06M").prefix(3)
