@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from infinity_t2i.files import write_json
-from infinity_t2i.pipeline import InfinityPipeline
+from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
-from toy_infinity.recogniser import COLOUR_NAMES, FidelityScorer
+from toy_infinity.recogniser import COLOUR_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,11 +49,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.time()
-    pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    scorer = FidelityScorer()
+    pipe, scorer = toy_fidelity.load_for_scoring(args.pretrained_model_name_or_path, args.threads)
     schedule = pipe.schedule(1.0, toy_world.PN)
     grids = schedule.vae_grids(pipe.transformer.config.spatial_patchify)
     rows = []

@@ -21,10 +21,9 @@ import time
 import torch
 
 from infinity_t2i.files import write_json
-from infinity_t2i.pipeline import InfinityPipeline
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
-from toy_infinity.recogniser import COLOUR_NAMES, FidelityScorer
+from toy_infinity.recogniser import COLOUR_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +39,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.time()
-    pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-    scorer = FidelityScorer()
+    pipe, scorer = toy_fidelity.load_for_scoring(args.pretrained_model_name_or_path, args.threads)
     pairings = sorted(
         {(o.kind, o.colour) for o in toy_world.pretraining_objects() if o.kind in toy_world.NAMED_KINDS},
         key=lambda p: (toy_world.KINDS.index(p[0]), COLOUR_NAMES.index(p[1])),

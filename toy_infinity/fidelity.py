@@ -11,11 +11,13 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from infinity_t2i.pipeline import InfinityPipeline, generate_images
 from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from toy_infinity import world as toy_world
+from toy_infinity.recogniser import FidelityScorer
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_SCRIPT = os.path.join(REPOSITORY, "train_textual_inversion_infinity.py")
@@ -58,6 +60,13 @@ def train_concept(model: str, concepts_dir: str, name: str, output_dir: str, *ex
     if result.returncode != 0:
         raise RuntimeError(f"textual inversion of {name} failed:\n{result.stderr[-3000:]}")
     return output_dir
+
+
+def load_for_scoring(model: str, threads: int | None = None):
+    """The pipeline of a toy model and the recogniser that scores its images (a benchmark's start)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return InfinityPipeline.from_pretrained(model), FidelityScorer()
 
 
 def generate(pipe, prompt: str, num_images: int, seed: int) -> list[Image.Image]:
