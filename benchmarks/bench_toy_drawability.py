@@ -54,11 +54,10 @@ def main():
     schedule = pipe.schedule(1.0, toy_world.PN)
     grids = schedule.vae_grids(pipe.transformer.config.spatial_patchify)
     rows = []
-    views = "pretraining's views" if args.pretraining_views else "new views"
-    print(f"{args.colour}, {args.num_images} renders per kind in {views}; columns: the first k scales given")
-    print(f"{'kind':8s} {'prompt':28s} " + " ".join(f"{k}:{g[0]}x{g[1]}".rjust(7) if k else "free".rjust(7) for k, g in
-                                                   enumerate([None, *grids])))  # fmt: skip
-    n = args.num_images
+    n, views = args.num_images, "pretraining's views" if args.pretraining_views else "new views"
+    print(f"{args.colour}, {n} renders per kind in {views}; columns: the first k scales given")
+    columns = ["free"] + [f"{k}:{h}x{w}" for k, (h, w) in enumerate(grids, 1)]
+    print(f"{'kind':8s} {'prompt':28s} " + " ".join(c.rjust(7) for c in columns))
     for kind in toy_world.KINDS:
         rng = np.random.default_rng(args.seed)
         objects = [toy_world.sample_object(rng, kind, args.colour, args.pretraining_views) for _ in range(n)]
@@ -70,7 +69,7 @@ def main():
         k_index, c_index = toy_world.KINDS.index(kind), COLOUR_NAMES.index(args.colour)
         fidelity = []
         for k in range(len(grids) + 1):
-            images = pipe([prompt] * args.num_images, pn=toy_world.PN, seed=0, prefix_bits=bits[:k]).images
+            images = pipe([prompt] * n, pn=toy_world.PN, seed=0, prefix_bits=bits[:k]).images
             p = scorer.probabilities(images)
             fidelity.append((p["kind"][:, k_index] * p["colour"][:, c_index]).mean().item())
         rows.append({"kind": kind, "named": kind in toy_world.NAMED_KINDS, "prompt": prompt, "fidelity": fidelity})
