@@ -26,7 +26,7 @@ import torch
 from infinity_t2i.files import write_json
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
-from toy_infinity.recogniser import COLOUR_NAMES
+from toy_infinity.recogniser import COLOUR_NAMES, to_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,10 +61,9 @@ def main():
     for kind in toy_world.KINDS:
         rng = np.random.default_rng(args.seed)
         objects = [toy_world.sample_object(rng, kind, args.colour, args.pretraining_views) for _ in range(n)]
-        renders = [toy_world.render(obj) for obj in objects]
-        pixels = torch.stack([torch.from_numpy(np.array(r, dtype=np.float32)).permute(2, 0, 1) for r in renders])
+        pixels = to_input([toy_world.render(obj) for obj in objects])  # at the world's size: no resampling
         with torch.no_grad():
-            bits = pipe.vae.encode_bits((pixels / 127.5 - 1).to(pipe.device), grids)
+            bits = pipe.vae.encode_bits(pixels.to(pipe.device), grids)
         prompt = f"a photo of a {args.colour} {toy_world.kind_word(kind)}"
         k_index, c_index = toy_world.KINDS.index(kind), COLOUR_NAMES.index(args.colour)
         fidelity = []
