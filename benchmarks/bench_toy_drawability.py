@@ -10,8 +10,14 @@ scales are given is one the model cannot draw even when its layout is settled; a
 once the first few scales are given is drawable, and only the choice between kinds is left to the
 prompt. `--pretraining_views` renders in the 8 poses pretraining shows instead of new ones.
 
+`--learned_embeds DIR` (a training run's output on a held-out concept) asks the same of a learned
+token: the concept's kind in the concept's colour, drawn from its words and from the token. Where
+the token beats the words only on free draws, it acts by choosing the first scales; where it also
+finishes a rendered layout better, it acts at the scales where the kind is settled.
+
     python benchmarks/bench_toy_drawability.py                  # 10 kinds x 8 prefixes x 32 images
     python benchmarks/bench_toy_drawability.py --colour blue --num_images 16
+    python benchmarks/bench_toy_drawability.py --learned_embeds outputs/toy-fidelity/default/blue-heart-seed0
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import numpy as np
 import torch
 
 from infinity_t2i.files import write_json
+from infinity_t2i.pipeline import InfinityPipeline
+from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
 from toy_infinity.recogniser import COLOUR_NAMES, to_input
@@ -42,7 +50,12 @@ def parse_args():
         action="store_true",
         help="Render in the views pretraining shows (the same poses the model learned) instead of new ones.",
     )
-    p.add_argument("--output", default=os.path.join(ROOT, "outputs", "toy-drawability.json"))
+    p.add_argument(
+        "--learned_embeds",
+        default=None,
+        help="A learned held-out concept (training output folder or file): its kind and colour, words against token.",
+    )
+    p.add_argument("--output", default=None, help="Default: outputs/toy-drawability[-CONCEPT].json")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args()
 
@@ -53,33 +66,48 @@ def main():
     pipe, scorer = toy_fidelity.load_for_scoring(args.pretrained_model_name_or_path, args.threads)
     schedule = pipe.schedule(1.0, toy_world.PN)
     grids = schedule.vae_grids(pipe.transformer.config.spatial_patchify)
+    if args.learned_embeds:  # one kind and colour, from the words and from the token
+        concepts = load_learned_embeds(args.learned_embeds)
+        concept = toy_world.HELD_OUT_CONCEPTS[concepts[0].placeholder.strip("<>")]
+        token_pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        apply_concepts(token_pipe.tokenizer, token_pipe.text_encoder, concepts)
+        token_prompt = expand_placeholders(
+            f"a photo of a {concepts[0].placeholder}", {c.placeholder: c.tokens for c in concepts}
+        )
+        colour, kinds = concept.colour, [concept.kind]
+        output = args.output or os.path.join(ROOT, "outputs", f"toy-drawability-{concept.name}.json")
+        prompts = {concept.kind: [(pipe, concept.words_prompt), (token_pipe, token_prompt)]}
+    else:
+        colour, kinds = args.colour, toy_world.KINDS
+        output = args.output or os.path.join(ROOT, "outputs", "toy-drawability.json")
+        prompts = {kind: [(pipe, f"a photo of a {colour} {toy_world.kind_word(kind)}")] for kind in kinds}
     rows = []
     n, views = args.num_images, "pretraining's views" if args.pretraining_views else "new views"
-    print(f"{args.colour}, {n} renders per kind in {views}; columns: the first k scales given")
+    print(f"{colour}, {n} renders per kind in {views}; columns: the first k scales given")
     columns = ["free"] + [f"{k}:{h}x{w}" for k, (h, w) in enumerate(grids, 1)]
     print(f"{'kind':8s} {'prompt':28s} " + " ".join(c.rjust(7) for c in columns))
-    for kind in toy_world.KINDS:
+    for kind in kinds:
         rng = np.random.default_rng(args.seed)
-        objects = [toy_world.sample_object(rng, kind, args.colour, args.pretraining_views) for _ in range(n)]
+        objects = [toy_world.sample_object(rng, kind, colour, args.pretraining_views) for _ in range(n)]
         pixels = to_input([toy_world.render(obj) for obj in objects])  # at the world's size: no resampling
         with torch.no_grad():
             bits = pipe.vae.encode_bits(pixels.to(pipe.device), grids)
-        prompt = f"a photo of a {args.colour} {toy_world.kind_word(kind)}"
-        k_index, c_index = toy_world.KINDS.index(kind), COLOUR_NAMES.index(args.colour)
-        fidelity = []
-        for k in range(len(grids) + 1):
-            images = pipe([prompt] * n, pn=toy_world.PN, seed=0, prefix_bits=bits[:k]).images
-            p = scorer.probabilities(images)
-            fidelity.append((p["kind"][:, k_index] * p["colour"][:, c_index]).mean().item())
-        rows.append({"kind": kind, "named": kind in toy_world.NAMED_KINDS, "prompt": prompt, "fidelity": fidelity})
-        print(f"{kind:8s} {prompt:28s} " + " ".join(f"{f:7.2f}" for f in fidelity), flush=True)
+        k_index, c_index = toy_world.KINDS.index(kind), COLOUR_NAMES.index(colour)
+        for drawing_pipe, prompt in prompts[kind]:
+            fidelity = []
+            for k in range(len(grids) + 1):
+                images = drawing_pipe([prompt] * n, pn=toy_world.PN, seed=0, prefix_bits=bits[:k]).images
+                p = scorer.probabilities(images)
+                fidelity.append((p["kind"][:, k_index] * p["colour"][:, c_index]).mean().item())
+            rows.append({"kind": kind, "named": kind in toy_world.NAMED_KINDS, "prompt": prompt, "fidelity": fidelity})
+            print(f"{kind:8s} {prompt[:28]:28s} " + " ".join(f"{f:7.2f}" for f in fidelity), flush=True)
     write_json(
-        args.output,
-        {"model": args.pretrained_model_name_or_path, "colour": args.colour, "num_images": args.num_images,
-         "pretraining_views": args.pretraining_views,
+        output,
+        {"model": args.pretrained_model_name_or_path, "colour": colour, "num_images": args.num_images,
+         "pretraining_views": args.pretraining_views, "learned_embeds": args.learned_embeds,
          "grids": [list(g) for g in grids], "rows": rows, "seconds": time.time() - start},
     )  # fmt: skip
-    print(f"wrote {args.output} ({time.time() - start:.0f} s)")
+    print(f"wrote {output} ({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":

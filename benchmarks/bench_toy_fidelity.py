@@ -16,6 +16,7 @@ everywhere.
 
     python benchmarks/bench_toy_fidelity.py                                      # default recipe, seeds 0 1 2
     python benchmarks/bench_toy_fidelity.py --setting input="--ti_mode input" --setting "free=--no-hold_norm"
+    python benchmarks/bench_toy_fidelity.py --setting from-words='--initializer_token "{description}"'
 
 Each run is the training script in its own process (200 steps, batch 4, 0.06M: the issue's
 budget) and takes about a minute on 2 CPU cores; the raw scores go to results.json.
@@ -87,7 +88,10 @@ def parse_args():
         "--setting",
         action="append",
         default=None,
-        help='NAME=FLAGS: training flags on top of the default recipe (repeatable); default: "default=" alone.',
+        help=(
+            'NAME=FLAGS: training flags on top of the default recipe (repeatable); default: "default=" alone. '
+            '{description} in FLAGS stands for the concept\'s words ("pink cross" of "a photo of a pink cross").'
+        ),
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Training seeds.")
     p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
@@ -113,9 +117,8 @@ def main():
         concept = toy_world.HELD_OUT_CONCEPTS[name]
         entry = results.setdefault(name, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        entry["words"] = score_prompts(
-            scorer, base, name, prompts_for(concept.words_prompt.removeprefix("a photo of a ")), args.num_images
-        )
+        description = concept.words_prompt.removeprefix("a photo of a ")
+        entry["words"] = score_prompts(scorer, base, name, prompts_for(description), args.num_images)
         entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), name).tolist()
         for setting, flags in settings.items():
             for seed in args.seeds:
@@ -128,7 +131,7 @@ def main():
                     out,
                     "--seed",
                     str(seed),
-                    *shlex.split(flags),
+                    *shlex.split(flags.replace("{description}", description)),
                 )
                 trained = time.time() - start
                 pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
