@@ -120,7 +120,10 @@ def parse_args(argv=None):
         "--initializer_token",
         type=str,
         required=True,
-        help="A word close to the concept; its embedding starts the learned vectors.",
+        help=(
+            "A word or phrase close to the concept (your best words for it start best); one learned vector "
+            "starts at each of its word pieces."
+        ),
     )
     parser.add_argument(
         "--num_vectors",

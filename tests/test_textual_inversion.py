@@ -77,18 +77,21 @@ def test_initializer_rule(t5):
         initializer_pieces(tokenizer, "日本")
 
 
-def test_a_multi_piece_initializer_starts_at_what_the_word_draws(t5):
-    """The concept's tokens with the word's piece vectors encode exactly as the word itself."""
+@pytest.mark.parametrize("initializer", ["garden", "red garden"])
+def test_a_multi_piece_initializer_starts_at_what_the_word_draws(t5, initializer):
+    """The concept's tokens with the word's (or phrase's) piece vectors encode exactly as the words themselves."""
     tokenizer, text_encoder = t5
     embedding = text_encoder.get_input_embeddings()
-    pieces = initializer_pieces(tokenizer, "garden")
+    pieces = initializer_pieces(tokenizer, initializer)
+    assert len(pieces) == len(tokenizer(initializer, add_special_tokens=False).input_ids) > 1
     start = initializer_vectors(embedding.weight[pieces], 1)
     tokens = placeholder_tokens("<plot>", start.shape[0])
     learned = LearnedVectors(add_placeholder_tokens(tokenizer, tokens), start)
-    prompts = [expand_placeholders(t.format("<plot>"), {"<plot>": tokens}) for t in ("a photo of a {}", "{}, at dawn")]
+    templates = ("a photo of a {}", "{}, at dawn")
+    prompts = [expand_placeholders(t.format("<plot>"), {"<plot>": tokens}) for t in templates]
     with torch.no_grad():
         concept = encode_prompt(tokenizer, text_encoder, prompts, embed_tokens=lambda i: learned(i, embedding(i)))
-        word = encode_prompt(tokenizer, text_encoder, ["a photo of a garden", "garden, at dawn"])
+        word = encode_prompt(tokenizer, text_encoder, [t.format(initializer) for t in templates])
     assert torch.equal(concept.mask, word.mask)
     assert torch.equal(concept.features, word.features)
 
