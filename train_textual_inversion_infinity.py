@@ -8,8 +8,9 @@
 
 Only the new token vectors train (float32); flan-T5, the Infinity transformer and the BSQ-VAE stay
 frozen. The loss is Infinity's own training loss: the images are tokenized into multi-scale bits
-once (the VAE features are cached), and the transformer predicts every scale's bits from the
-coarser scales, conditioned on captions that contain the placeholder.
+once (the VAE features are cached), and the transformer predicts each scale's bits from the
+coarser scales, conditioned on captions that contain the placeholder; by default on the coarse
+half of the scales (--train_scales half), where a concept's colour, layout and shape are chosen.
 """
 
 import argparse
@@ -70,7 +71,7 @@ from infinity_t2i.textual_inversion import (
     set_output_rows,
     write_rows,
 )
-from infinity_t2i.training import bitwise_loss, make_training_inputs
+from infinity_t2i.training import bitwise_loss, make_training_inputs, num_training_scales
 
 logger = get_logger(__name__)
 
@@ -87,6 +88,15 @@ class UsageError(Exception):
 
 
 BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
+
+
+def scales_to_train(value: str) -> str | int:
+    if value in ("half", "all"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give half, all or a number of scales") from None
 
 
 def parse_args(argv=None):
@@ -269,11 +279,11 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--train_scales",
-        type=int,
-        default=None,
+        type=scales_to_train,
+        default="half",
         help=(
-            "Train on the first K scales only (coarse scales carry a concept's identity; K=10 at 1M costs what 0.25M "
-            "does). Default: all."
+            "Scales the loss covers: 'half' (those up to half the last scale's side: 5 of 7 at 0.06M, 10 of 13 at "
+            "1M, which costs what 0.25M does), 'all', or the first K."
         ),
     )
     parser.add_argument(
@@ -354,7 +364,7 @@ def parse_args(argv=None):
             "--mixed_precision fp16 is refused: Infinity's blocks run in bfloat16, as officially (T5's precision is "
             "--text_encoder_dtype); use bf16 or no"
         )
-    if args.train_scales is not None and args.train_scales < 2:
+    if isinstance(args.train_scales, int) and args.train_scales < 2:
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
     if args.num_vectors is None:
         args.num_vectors = DEFAULT_NUM_VECTORS[args.ti_mode]
@@ -1090,6 +1100,7 @@ def main(args):
                         features = vae.encode(
                             torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device)
                         )
+                    num_scales = num_training_scales(schedule, args.train_scales)
                     inputs = make_training_inputs(
                         features,
                         schedule,
@@ -1097,9 +1108,9 @@ def main(args):
                         args.self_correction_strength,
                         args.self_correction_scales,
                         step_rng,
-                        args.train_scales,
+                        num_scales,
                     )
-                    schedule = schedule.prefix(args.train_scales or len(schedule))
+                    schedule = schedule.prefix(num_scales)
                 captions = []
                 for i in indices:
                     if examples[i].caption is not None:

@@ -44,6 +44,18 @@ def make_training_inputs(
     return TrainingInputs(x_tokens, labels)
 
 
+def num_training_scales(schedule: ScaleSchedule, train_scales: str | int) -> int:
+    """How many of the schedule's scales training predicts: "all", a number, or "half": those whose
+    side is at most half the last scale's (5 of 7 scales at 0.06M, 10 of 13 at 1M), where colour,
+    layout and shape are chosen; the finer ones add the detail a few images overfit."""
+    if train_scales == "all":
+        return len(schedule)
+    if train_scales == "half":
+        last = max(schedule.grids[-1])
+        return sum(2 * max(grid) <= last for grid in schedule.grids)
+    return min(int(train_scales), len(schedule))
+
+
 def token_weights(schedule: ScaleSchedule, reweight_by_scale: bool, device=None) -> torch.Tensor:
     """(L,) weights summing to 1: uniform, or (reweight_by_scale) each token of scale s weighted
     by 1/sqrt(h_s * w_s), so every scale's total weight grows only with sqrt of its size.

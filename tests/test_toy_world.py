@@ -21,7 +21,7 @@ EXAMPLES = os.path.join(ROOT, "examples")
 TOY_MODEL = os.path.join(EXAMPLES, "toy-infinity")
 CONCEPTS = os.path.join(EXAMPLES, "concepts")
 # The fidelity test: the demo's textual inversion (200 steps), 8 images before and 8 after.
-NUM_IMAGES = 16
+NUM_IMAGES = 32
 MARGIN = 0.1
 
 
@@ -129,12 +129,12 @@ def test_the_learned_token_beats_the_best_words(tmp_path):
     words = generate(InfinityPipeline.from_pretrained(TOY_MODEL), concept.words_prompt, NUM_IMAGES, seed=0)
     scorer = FidelityScorer()
     before, words, after = (scorer.score(images, name) for images in (before, words, after))
-    # Measured on these 16 sampling seeds (benchmarks/bench_toy_fidelity.py, training seed 0): words
-    # 0.08, learned token 0.50; over 32 images x 3 training seeds: words 0.094 ± 0.032, token 0.513 ±
-    # 0.023. A margin of 0.2 sits well below the measured gain (0.42), yet fails when learning fails:
-    # the token starts as "thing", which draws a blue heart no more often than the words.
-    assert after.mean() - words.mean() > 2 * MARGIN, (words.tolist(), after.tolist())
-    assert after.mean() - before.mean() > 3 * MARGIN, (before.tolist(), after.tolist())
+    # Measured on these 32 sampling seeds (benchmarks/bench_toy_fidelity.py, training seed 0): "a thing"
+    # 0.001, words 0.094, learned token 0.321; over 3 training seeds: token 0.355 ± 0.040, worst 0.308.
+    # The margins sit below the measured gains (0.23 and 0.32), yet fail when learning fails: the token
+    # starts as "thing", which draws a blue heart no more often than the words.
+    assert after.mean() - words.mean() > 1.5 * MARGIN, (words.tolist(), after.tolist())
+    assert after.mean() - before.mean() > 2 * MARGIN, (before.tolist(), after.tolist())
 
 
 def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):

@@ -524,6 +524,12 @@ def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_d
     monkeypatch.setattr(train, "bitwise_loss", spy)
     run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "2", "--train_scales", "3")
     assert lengths == [(21, 21, 21)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales
+    lengths.clear()
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "default", "--max_train_steps", "1")
+    assert lengths == [(121, 121, 121)]  # by default the scales up to 8x8, half of 0.06M's 16x16
+    lengths.clear()
+    run(tiny_pipeline_dir, concept_dir, tmp_path / "all", "--max_train_steps", "1", "--train_scales", "all")
+    assert lengths == [(521, 521, 521)]
 
 
 def launch_two_processes(script, argv, port: int) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from infinity_t2i.multiscale import bits_to_codes, quantize, residual_quantize, upsample_codes
 from infinity_t2i.resolution import get_schedule
-from infinity_t2i.training import make_training_inputs, token_weights
+from infinity_t2i.training import make_training_inputs, num_training_scales, token_weights
 
 
 def test_scale_reweighting_gives_each_scale_weight_proportional_to_its_side():
@@ -18,6 +18,17 @@ def test_scale_reweighting_gives_each_scale_weight_proportional_to_its_side():
     assert torch.allclose(token_weights(schedule, False), torch.full((521,), 1 / 521))
     last = token_weights(get_schedule(1.0, "1M"), True).split(list(get_schedule(1.0, "1M").lengths))[-1].sum()
     assert abs(last.item() - 64 / 277) < 1e-6
+
+
+def test_half_the_scales_are_those_up_to_half_the_last_side():
+    toy, one_megapixel = get_schedule(1.0, "0.06M"), get_schedule(1.0, "1M")  # sides up to 16 and 64
+    assert num_training_scales(toy, "half") == 5  # 1, 2, 4, 6, 8
+    assert num_training_scales(one_megapixel, "half") == 10  # ... 24, 32: the 0.25M schedule's sides
+    assert one_megapixel.grids[:10] == get_schedule(1.0, "0.25M").grids
+    wide = get_schedule(1 / 3, "1M")  # the longer side decides
+    assert max(wide.grids[num_training_scales(wide, "half") - 1]) * 2 <= max(wide.grids[-1])
+    assert max(wide.grids[num_training_scales(wide, "half")]) * 2 > max(wide.grids[-1])
+    assert [num_training_scales(toy, n) for n in ("all", 3, 9)] == [7, 3, 7]
 
 
 @pytest.mark.parametrize("patchify", [False, True])
