@@ -88,7 +88,7 @@ class FidelityScorer:
 
     @torch.no_grad()
     def probabilities(self, images) -> dict[str, torch.Tensor]:
-        """P(kind) (B, 5), P(colour) (B, 8), P(background) (B, 6), in the orders of CLASSES."""
+        """P(kind) (B, 10), P(colour) (B, 8), P(background) (B, 6), in the orders of CLASSES."""
         return {name: logits.softmax(-1) for name, logits in self.model(to_input(images)).items()}
 
     def score(self, images, concept: str | toy_world.HeldOutConcept) -> torch.Tensor:
