@@ -52,14 +52,14 @@ def prompts_for(subject: str) -> dict[str, list[tuple[str, str | None]]]:
     }
 
 
-def score_prompts(scorer, pipe, name: str, prompts: dict, num_images: int) -> dict[str, list[float]]:
+def score_prompts(scorer, pipe, concept, prompts: dict, num_images: int) -> dict[str, list[float]]:
     """Fidelity of every image per prompt group (num_images per prompt), and P(the prompt's
     background) of the background group's images."""
     scores = {group: [] for group in prompts} | {"background_followed": []}
     for group, texts in prompts.items():
         for prompt, background in texts:
             images = toy_fidelity.generate(pipe, prompt, num_images, seed=0)
-            scores[group] += scorer.score(images, name).tolist()
+            scores[group] += scorer.score(images, concept).tolist()
             if background is not None:
                 scores["background_followed"] += scorer.background(images, background).tolist()
     return scores
@@ -82,8 +82,12 @@ def parse_args():
         description="Fidelity of learned tokens against the best words, on the toy world's held-out concepts."
     )
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
-    p.add_argument("--concepts_dir", default=os.path.join(ROOT, "examples", "concepts"))
-    p.add_argument("--concept", action="append", choices=sorted(toy_world.HELD_OUT_CONCEPTS), help="Default: all.")
+    p.add_argument(
+        "--concepts_dir",
+        default=os.path.join(ROOT, "examples", "concepts"),
+        help="Concept folders and their concepts.json, as `python -m toy_infinity.world` writes them.",
+    )
+    p.add_argument("--concept", action="append", help="A concept of --concepts_dir (repeatable). Default: all.")
     p.add_argument(
         "--setting",
         action="append",
@@ -105,7 +109,11 @@ def parse_args():
 def main():
     args = parse_args()
     settings = dict(s.split("=", 1) for s in (args.setting or ["default="]))
-    names = args.concept or list(toy_world.HELD_OUT_CONCEPTS)
+    concepts_of_dir = toy_world.read_concepts(args.concepts_dir)
+    names = args.concept or list(concepts_of_dir)
+    unknown = sorted(set(names) - set(concepts_of_dir))
+    if unknown:
+        raise SystemExit(f"--concept {unknown}: not in {args.concepts_dir}; it has {sorted(concepts_of_dir)}")
     scorer = FidelityScorer()
     results_path = os.path.join(args.output_dir, "results.json")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -114,12 +122,12 @@ def main():
         with open(results_path) as f:
             results = json.load(f)
     for name in [] if args.table_only else names:
-        concept = toy_world.HELD_OUT_CONCEPTS[name]
+        concept = concepts_of_dir[name]
         entry = results.setdefault(name, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
         description = concept.words_prompt.removeprefix("a photo of a ")
-        entry["words"] = score_prompts(scorer, base, name, prompts_for(description), args.num_images)
-        entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), name).tolist()
+        entry["words"] = score_prompts(scorer, base, concept, prompts_for(description), args.num_images)
+        entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), concept).tolist()
         for setting, flags in settings.items():
             for seed in args.seeds:
                 start = time.time()
@@ -138,7 +146,7 @@ def main():
                 concepts = load_learned_embeds(out)
                 apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
                 subject = expand_placeholders(f"<{name}>", {c.placeholder: c.tokens for c in concepts})
-                scores = score_prompts(scorer, pipe, name, prompts_for(subject), args.num_images)
+                scores = score_prompts(scorer, pipe, concept, prompts_for(subject), args.num_images)
                 entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
                 plain = sum(scores["plain"]) / len(scores["plain"])
                 print(

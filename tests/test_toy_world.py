@@ -20,7 +20,7 @@ from toy_infinity.recogniser import FidelityScorer
 EXAMPLES = os.path.join(ROOT, "examples")
 TOY_MODEL = os.path.join(EXAMPLES, "toy-infinity")
 CONCEPTS = os.path.join(EXAMPLES, "concepts")
-# The fidelity test: the demo's textual inversion (200 steps), 8 images before and 8 after.
+# The fidelity test: the demo's textual inversion (200 steps), 32 images of each prompt.
 NUM_IMAGES = 32
 MARGIN = 0.1
 
@@ -91,6 +91,25 @@ def test_committed_concepts_have_images_at_the_model_size_and_an_initializer_wor
         assert entry["placeholder_token"] not in toy_pipe.tokenizer.get_vocab()
         concept = toy_world.HELD_OUT_CONCEPTS[name]
         assert entry["words_prompt"] == concept.words_prompt and entry["nameable"] == concept.nameable
+
+
+def test_concept_folders_of_any_kind_and_colour(tmp_path, monkeypatch, capsys):
+    """`python -m toy_infinity.world --concept KIND:COLOUR` writes folders the benchmark and the
+    training helper read back through concepts.json; the default writes the held-out concepts."""
+    out = tmp_path / "more"
+    argv = ["world.py", "--out", str(out), "--images_per_concept", "3", "--concept", "triangle:green"]
+    monkeypatch.setattr("sys.argv", [*argv, "--concept", "moon:yellow"])
+    toy_world.main()
+    concepts = toy_world.read_concepts(str(out))
+    assert list(concepts) == ["green-triangle", "yellow-moon"]
+    assert (concepts["yellow-moon"].kind, concepts["yellow-moon"].colour) == ("moon", "yellow")
+    assert concepts["yellow-moon"].words_prompt == "a photo of a yellow thing"
+    assert len(concept_images(str(out), "green-triangle")) == 3
+    monkeypatch.setattr("sys.argv", ["world.py", "--out", str(out), "--concept", "star:mauve"])
+    with pytest.raises(SystemExit):
+        toy_world.main()
+    assert "'star:mauve': give KIND:COLOUR" in capsys.readouterr().err
+    assert list(toy_world.read_concepts(CONCEPTS)) == list(toy_world.HELD_OUT_CONCEPTS)
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):

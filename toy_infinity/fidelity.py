@@ -43,9 +43,9 @@ def other_objects(concept: toy_world.HeldOutConcept, n: int, seed: int) -> list[
 
 
 def train_concept(model: str, concepts_dir: str, name: str, output_dir: str, *extra_args: str) -> str:
-    """Runs the training script on a held-out concept with the demo's settings; `extra_args`
+    """Runs the training script on a concept of `concepts_dir` with the demo's settings; `extra_args`
     override them. Returns the output folder."""
-    concept = toy_world.HELD_OUT_CONCEPTS[name]
+    concept = toy_world.read_concepts(concepts_dir)[name]
     command = [
         sys.executable, TRAINING_SCRIPT,
         "--pretrained_model_name_or_path", model,
