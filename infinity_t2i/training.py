@@ -52,7 +52,7 @@ def num_training_scales(schedule: ScaleSchedule, train_scales: str | int) -> int
         return len(schedule)
     if train_scales == "half":
         last = max(schedule.grids[-1])
-        return sum(2 * max(grid) <= last for grid in schedule.grids)
+        return max(2, sum(2 * max(grid) <= last for grid in schedule.grids))  # scale 2 has the first image input
     return min(int(train_scales), len(schedule))
 
 
