@@ -1,7 +1,8 @@
 """Does a learned token beat words? Measured on the toy world's held-out concepts.
 
-For each concept of examples/concepts/ (a pairing of kind and colour that pretraining never
-showed), with the fidelity recogniser of toy_infinity/recogniser.py (P(kind) x P(colour)):
+For each concept of --concepts_dir (default examples/concepts/, the held-out concepts; `python -m
+toy_infinity.world --concept KIND:COLOUR` writes others), with the fidelity recogniser of
+toy_infinity/recogniser.py (P(kind) x P(colour)):
   words     images of the best plain-words description (`words_prompt` in concepts.json,
             "a photo of a pink cross"): the strongest simple alternative to a learned token
   SETTING   images of "a photo of a <concept>" after textual inversion with the training script's
@@ -79,7 +80,7 @@ def run_cell(runs: list[list[float]]) -> str:
 
 def parse_args():
     p = argparse.ArgumentParser(
-        description="Fidelity of learned tokens against the best words, on the toy world's held-out concepts."
+        description="Fidelity of learned tokens against the best words, on concepts of the toy world."
     )
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
     p.add_argument(
