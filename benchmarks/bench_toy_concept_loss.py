@@ -20,7 +20,6 @@ import torch
 from PIL import ImageOps
 
 from infinity_t2i.pipeline import InfinityPipeline
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from infinity_t2i.training import bitwise_loss, make_training_inputs, per_scale_metrics
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
@@ -67,10 +66,7 @@ def main():
 
     drawers = [(concept.words_prompt, base, concept.words_prompt)] + [(p, base, p) for p in args.prompt]
     for path in args.learned_embeds:
-        pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        concepts = load_learned_embeds(path)
-        apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
-        prompt = expand_placeholders(f"a photo of a <{args.concept}>", {c.placeholder: c.tokens for c in concepts})
+        pipe, prompt, _ = toy_fidelity.with_learned_concept(args.pretrained_model_name_or_path, path)
         drawers.append((path, pipe, prompt))
 
     grids = " ".join(f"{h}x{w}" for h, w in schedule.vae_grids(patchify))

@@ -30,8 +30,6 @@ import numpy as np
 import torch
 
 from infinity_t2i.files import write_json
-from infinity_t2i.pipeline import InfinityPipeline
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
 from toy_infinity.recogniser import COLOUR_NAMES, to_input
@@ -67,13 +65,10 @@ def main():
     schedule = pipe.schedule(1.0, toy_world.PN)
     grids = schedule.vae_grids(pipe.transformer.config.spatial_patchify)
     if args.learned_embeds:  # one kind and colour, from the words and from the token
-        concepts = load_learned_embeds(args.learned_embeds)
-        concept = toy_world.HELD_OUT_CONCEPTS[concepts[0].placeholder.strip("<>")]
-        token_pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        apply_concepts(token_pipe.tokenizer, token_pipe.text_encoder, concepts)
-        token_prompt = expand_placeholders(
-            f"a photo of a {concepts[0].placeholder}", {c.placeholder: c.tokens for c in concepts}
+        token_pipe, token_prompt, placeholder = toy_fidelity.with_learned_concept(
+            args.pretrained_model_name_or_path, args.learned_embeds
         )
+        concept = toy_world.HELD_OUT_CONCEPTS[placeholder.strip("<>")]
         colour, kinds = concept.colour, [concept.kind]
         output = args.output or os.path.join(ROOT, "outputs", f"toy-drawability-{concept.name}.json")
         prompts = {concept.kind: [(pipe, concept.words_prompt), (token_pipe, token_prompt)]}

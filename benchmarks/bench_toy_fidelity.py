@@ -35,7 +35,6 @@ import torch
 
 from infinity_t2i.files import write_json
 from infinity_t2i.pipeline import InfinityPipeline
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from toy_infinity import fidelity as toy_fidelity
 from toy_infinity import world as toy_world
 from toy_infinity.recogniser import FidelityScorer
@@ -143,10 +142,7 @@ def main():
                     *shlex.split(flags.replace("{description}", description)),
                 )
                 trained = time.time() - start
-                pipe = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-                concepts = load_learned_embeds(out)
-                apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
-                subject = expand_placeholders(f"<{name}>", {c.placeholder: c.tokens for c in concepts})
+                pipe, subject, _ = toy_fidelity.with_learned_concept(args.pretrained_model_name_or_path, out, "{}")
                 scores = score_prompts(scorer, pipe, concept, prompts_for(subject), args.num_images)
                 entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
                 plain = sum(scores["plain"]) / len(scores["plain"])

@@ -74,15 +74,24 @@ def generate(pipe, prompt: str, num_images: int, seed: int) -> list[Image.Image]
     return generate_images(pipe, prompt, num_images, seed=seed, batch_size=num_images, pn=toy_world.PN)
 
 
+def with_learned_concept(model: str, embedding: str, template: str = PROMPT_TEMPLATE):
+    """A pipeline of `model` with the learned concept of `embedding` put in place as the inference
+    script does it, `template` filled with the concept's placeholder (all its tokens), and the
+    placeholder."""
+    pipe = InfinityPipeline.from_pretrained(model)
+    concepts = load_learned_embeds(embedding)
+    apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
+    placeholder = concepts[0].placeholder
+    prompt = expand_placeholders(template.format(placeholder), {c.placeholder: c.tokens for c in concepts})
+    return pipe, prompt, placeholder
+
+
 def before_and_after(
     model: str, embedding_dir: str, name: str, num_images: int, seed: int
 ) -> tuple[list[Image.Image], list[Image.Image]]:
     """Images of "a photo of a <initializer>" from the base model, and of "a photo of a <name>"
     with the learned embedding loaded as the inference script loads it; same seeds."""
     concept = toy_world.HELD_OUT_CONCEPTS[name]
-    pipe = InfinityPipeline.from_pretrained(model)
+    pipe, prompt, _ = with_learned_concept(model, embedding_dir)  # prompts without the token encode as before
     before = generate(pipe, PROMPT_TEMPLATE.format(concept.initializer), num_images, seed)
-    concepts = load_learned_embeds(embedding_dir)
-    apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
-    prompt = expand_placeholders(PROMPT_TEMPLATE.format(f"<{name}>"), {c.placeholder: c.tokens for c in concepts})
     return before, generate(pipe, prompt, num_images, seed)
