@@ -31,8 +31,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
-    p.add_argument("--concepts_dir", default=os.path.join(ROOT, "examples", "concepts"))
-    p.add_argument("--concept", required=True, choices=sorted(toy_world.HELD_OUT_CONCEPTS))
+    p.add_argument(
+        "--concepts_dir",
+        default=os.path.join(ROOT, "examples", "concepts"),
+        help="Concept folders and their concepts.json, as `python -m toy_infinity.world` writes them.",
+    )
+    p.add_argument("--concept", required=True, help="A concept of --concepts_dir, e.g. pink-cross.")
     p.add_argument(
         "--learned_embeds", action="append", default=[], help="A training run's output on the concept (repeatable)."
     )
@@ -49,7 +53,10 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    concept = toy_world.HELD_OUT_CONCEPTS[args.concept]
+    concepts = toy_world.read_concepts(args.concepts_dir)
+    if args.concept not in concepts:
+        raise SystemExit(f"--concept {args.concept}: not in {args.concepts_dir}; it has {sorted(concepts)}")
+    concept = concepts[args.concept]
     base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
     schedule = base.schedule(1.0, toy_world.PN)
     own = toy_fidelity.concept_images(args.concepts_dir, args.concept)

@@ -112,6 +112,34 @@ def test_concept_folders_of_any_kind_and_colour(tmp_path, monkeypatch, capsys):
     assert list(toy_world.read_concepts(CONCEPTS)) == list(toy_world.HELD_OUT_CONCEPTS)
 
 
+def test_the_concept_loss_benchmark_reads_the_concepts_of_its_folder(tmp_path, monkeypatch, capsys):
+    """bench_toy_concept_loss.py --concepts_dir takes the concept (and its words) from that folder's
+    concepts.json, as bench_toy_fidelity.py does, not from the held-out list."""
+    out = tmp_path / "more"
+    world_argv = ["world.py", "--out", str(out), "--images_per_concept", "2", "--concept", "triangle:green"]
+    monkeypatch.setattr("sys.argv", world_argv)
+    toy_world.main()
+    capsys.readouterr()
+    script = os.path.join(ROOT, "benchmarks", "bench_toy_concept_loss.py")
+    spec = importlib.util.spec_from_file_location("bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["bench", "--concepts_dir", str(out), "--num_fresh", "2", "--threads", "1"]
+    monkeypatch.setattr("sys.argv", [*argv, "--concept", "green-triangle"])
+    bench.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        "<green-triangle>: loss (as training weights it) and each scale's mean loss (1x1 2x2 4x4 6x6 8x8 12x12 16x16)",
+        "a photo of a green triangle",
+    ]
+    for line, images in zip(lines[2:4], ("training images", "fresh renders")):
+        name, numbers = line[:18].strip(), [float(v) for v in line[18:].split()]
+        assert name == images and len(numbers) == 8 and all(0 < v < 1 for v in numbers)
+    monkeypatch.setattr("sys.argv", [*argv, "--concept", "pink-cross"])
+    with pytest.raises(SystemExit, match="--concept pink-cross: not in .*; it has \\['green-triangle'\\]"):
+        bench.main()
+
+
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
     assert toy_pipe.token_stride * toy_pipe.schedule(1.0, "0.06M").grids[-1][0] == toy_world.IMAGE_SIZE
     images = toy_pipe("a photo of a red circle in the snow", num_images_per_prompt=2, pn="0.06M", seed=0).images
