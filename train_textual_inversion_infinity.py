@@ -81,6 +81,13 @@ STEP_RNG_NAME = "step_rng.safetensors"
 # initializer is one piece, give the concept 8 rows of Infinity's cross-attention and beat 4 on
 # plain prompts (the unnamed blue heart 0.51 vs 0.28), while 16 lose the concept.
 DEFAULT_NUM_VECTORS = {"output": 8, "input": 1}
+# Flags that shape every step (loss, data, optimizer): a checkpoint records them, and a resume with
+# other values is refused, since it would not continue the run that was saved (defaults change too).
+RECIPE_FLAGS = (
+    "pn", "learnable_property", "repeats", "random_flip", "center_crop", "train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
+    "self_correction_strength", "self_correction_scales", "train_scales", "reweight_loss_by_scale",
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -782,6 +789,24 @@ def check_checkpoint(path: str, num_processes: int) -> None:
             )
 
 
+def recipe_of(args) -> dict[str, str]:
+    return {name: str(getattr(args, name)) for name in RECIPE_FLAGS}
+
+
+def check_recipe(path: str, recipe: dict[str, str]) -> None:
+    """Refuses to resume a checkpoint with other RECIPE_FLAGS than it was made with (checkpoints
+    older than this record are taken as they are)."""
+    with safe_open(os.path.join(path, STEP_RNG_NAME), "pt") as f:
+        saved = f.metadata()
+    changed = [name for name in RECIPE_FLAGS if name in saved and saved[name] != recipe[name]]
+    if changed:
+        made_with, this_run = (" ".join(f"--{name} {values[name]}" for name in changed) for values in (saved, recipe))
+        raise UsageError(
+            f"checkpoint {path} was made with {made_with}, this run has {this_run}; pass the checkpoint's values to "
+            "resume it, or start a new run"
+        )
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -796,6 +821,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def main(args):
     # 1. Read and check the data, and where the results go, before anything is loaded or written.
+    recipe = recipe_of(args)  # as given: --scale_lr rescales the learning rate below
     raw_examples = read_examples(args)
     problem = unwritable_reason(args.output_dir)
     if problem:
@@ -835,6 +861,7 @@ def main(args):
     resume_path = resolve_resume(args)
     if resume_path is not None:
         check_checkpoint(resume_path, accelerator.num_processes)
+        check_recipe(resume_path, recipe)
     if args.seed is None and resume_path is not None:  # the batch order depends on the seed
         with safe_open(os.path.join(resume_path, STEP_RNG_NAME), "pt") as f:
             args.seed = int(f.metadata()["seed"])
@@ -1168,7 +1195,7 @@ def main(args):
                     os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step
                 )
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, step_rng, args.seed)
+                save_checkpoint(accelerator, args.output_dir, global_step, step_rng, {"seed": str(args.seed)} | recipe)
                 if accelerator.is_main_process and args.checkpoints_total_limit is not None:
                     prune_checkpoints(
                         args.output_dir, args.checkpoints_total_limit
@@ -1205,9 +1232,12 @@ def main(args):
     accelerator.end_training()
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, seed: int) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, run: dict[str, str]
+) -> None:
     """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
-    every process, written to a temporary folder and renamed when complete."""
+    every process, with `run` (the seed and the recipe) as its metadata, written to a temporary
+    folder and renamed when complete."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
@@ -1217,7 +1247,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, step_r
         save_file(
             {f"process_{i}": s for i, s in enumerate(states)},
             os.path.join(tmp, STEP_RNG_NAME),
-            metadata={"seed": str(seed)},
+            metadata=run,
         )
         if os.path.exists(final):
             shutil.rmtree(final)

@@ -221,6 +221,13 @@ def test_a_resume_without_seed_continues_with_the_runs_seed_and_takes_diffusers_
         ("truncate random_states_0.pkl", [], "random_states_0.pkl is truncated or damaged"),
         ("truncate model.safetensors", [], "model.safetensors is truncated or damaged"),
         ("", ["--num_vectors", "5"], "made with another --num_vectors"),
+        # a recipe flag changed, or its default did since the checkpoint was written
+        ("", ["--train_scales", "all"], "made with --train_scales half, this run has --train_scales all; pass the"),
+        (
+            "",
+            ["--learning_rate", "0.1", "--random_flip"],
+            "with --random_flip False --learning_rate 0.02, this run has --random_flip True --learning_rate 0.1;",
+        ),
     ],
 )
 def test_a_broken_or_foreign_checkpoint_is_refused_in_one_line(
