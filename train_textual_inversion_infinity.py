@@ -793,11 +793,15 @@ def recipe_of(args) -> dict[str, str]:
     return {name: str(getattr(args, name)) for name in RECIPE_FLAGS}
 
 
-def check_recipe(path: str, recipe: dict[str, str]) -> None:
-    """Refuses to resume a checkpoint with other RECIPE_FLAGS than it was made with (checkpoints
-    older than this record are taken as they are)."""
+def checkpoint_run(path: str) -> dict[str, str]:
+    """The seed and recipe a checkpoint was written with (save_checkpoint's `run`)."""
     with safe_open(os.path.join(path, STEP_RNG_NAME), "pt") as f:
-        saved = f.metadata()
+        return f.metadata()
+
+
+def check_recipe(path: str, saved: dict[str, str], recipe: dict[str, str]) -> None:
+    """Refuses to resume a checkpoint with other RECIPE_FLAGS than it was made with (`saved`;
+    checkpoints older than this record are taken as they are)."""
     changed = [name for name in RECIPE_FLAGS if name in saved and saved[name] != recipe[name]]
     if changed:
         made_with, this_run = (" ".join(f"--{name} {values[name]}" for name in changed) for values in (saved, recipe))
@@ -861,10 +865,10 @@ def main(args):
     resume_path = resolve_resume(args)
     if resume_path is not None:
         check_checkpoint(resume_path, accelerator.num_processes)
-        check_recipe(resume_path, recipe)
+        saved_run = checkpoint_run(resume_path)
+        check_recipe(resume_path, saved_run, recipe)
     if args.seed is None and resume_path is not None:  # the batch order depends on the seed
-        with safe_open(os.path.join(resume_path, STEP_RNG_NAME), "pt") as f:
-            args.seed = int(f.metadata()["seed"])
+        args.seed = int(saved_run["seed"])
         logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())

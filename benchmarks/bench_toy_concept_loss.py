@@ -1,5 +1,5 @@
 """Teacher-forced loss of a toy concept's images under words and under learned tokens: on the 8
-training images (and their mirror images, as training sees them) and on fresh renders of the same
+training images (and their mirror images, as training sees them with --random_flip) and on fresh renders of the same
 concept. The loss is the training script's (per-bit cross entropy, tokens weighted by
 1/sqrt(scale area)); each scale's mean is printed too.
 
@@ -53,10 +53,7 @@ def main():
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    concepts = toy_world.read_concepts(args.concepts_dir)
-    if args.concept not in concepts:
-        raise SystemExit(f"--concept {args.concept}: not in {args.concepts_dir}; it has {sorted(concepts)}")
-    concept = concepts[args.concept]
+    concept = toy_world.select_concepts(args.concepts_dir, [args.concept])[args.concept]
     base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
     schedule = base.schedule(1.0, toy_world.PN)
     own = toy_fidelity.concept_images(args.concepts_dir, args.concept)

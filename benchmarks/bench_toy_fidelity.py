@@ -109,11 +109,7 @@ def parse_args():
 def main():
     args = parse_args()
     settings = dict(s.split("=", 1) for s in (args.setting or ["default="]))
-    concepts_of_dir = toy_world.read_concepts(args.concepts_dir)
-    names = args.concept or list(concepts_of_dir)
-    unknown = sorted(set(names) - set(concepts_of_dir))
-    if unknown:
-        raise SystemExit(f"--concept {unknown}: not in {args.concepts_dir}; it has {sorted(concepts_of_dir)}")
+    concepts = toy_world.select_concepts(args.concepts_dir, args.concept)
     scorer = FidelityScorer()
     results_path = os.path.join(args.output_dir, "results.json")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -121,8 +117,8 @@ def main():
     if os.path.exists(results_path):  # runs of earlier invocations stay; a setting's seed is run again
         with open(results_path) as f:
             results = json.load(f)
-    for name in [] if args.table_only else names:
-        concept = concepts_of_dir[name]
+    for name in [] if args.table_only else concepts:
+        concept = concepts[name]
         entry = results.setdefault(name, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
         description = concept.words_prompt.removeprefix("a photo of a ")
@@ -160,7 +156,7 @@ def main():
     print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
     print("|---|---|---|" + "---|" * len(settings) + "---|")
     groups = {"plain": "plain", "background": "on a background", "background_followed": "P(that background)"}
-    for name in names:
+    for name in concepts:
         entry = results[name]
         for group, label in groups.items():
             runs = {s: [run[group] for run in entry["runs"].get(s, {}).values() if group in run] for s in settings}

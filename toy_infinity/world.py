@@ -314,6 +314,16 @@ def read_concepts(folder: str) -> dict[str, HeldOutConcept]:
         return {name: HeldOutConcept(name, entry["kind"], entry["colour"]) for name, entry in json.load(f).items()}
 
 
+def select_concepts(folder: str, names: list[str] | None) -> dict[str, HeldOutConcept]:
+    """The concepts `names` (all when None) of a concept folder; a name it lacks ends the run with
+    a one-line message (the benchmarks' --concept)."""
+    concepts = read_concepts(folder)
+    unknown = [name for name in names or [] if name not in concepts]
+    if unknown:
+        raise SystemExit(f"--concept {', '.join(unknown)}: not in {folder}; it has {sorted(concepts)}")
+    return {name: concepts[name] for name in names or concepts}
+
+
 def concept_spec(text: str) -> HeldOutConcept:
     """KIND:COLOUR -> the concept COLOUR-KIND."""
     kind, _, colour = text.partition(":")
