@@ -11,6 +11,7 @@ weights an uninterrupted run ends with.
 
     python examples/pretrain_toy_infinity.py            # 38 minutes on 2 CPU cores (2268 s measured)
     python examples/pretrain_toy_infinity.py --resume   # after an interruption
+    python examples/pretrain_toy_infinity.py --steps 1600 --vae_bits 8 --out /tmp/toy-b8   # what buys sharpness
 """
 
 from __future__ import annotations
@@ -46,21 +47,34 @@ EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 
 VOCAB_SIZE = 160  # BPE pieces: every caption word but one ends up a single piece
 
-# 48 channels, not 32: GroupNorm has 32 (or 24) groups, and with one channel per group a flat
-# background normalises to zero, so the VAE cannot tell a red background from a blue one.
-VAE_CONFIG = VAEConfig(
-    codebook_dim=16, patch_size=4, base_channels=48, encoder_ch_mult=(1, 1), decoder_ch_mult=(1, 1, 1), num_res_blocks=0
-)
-TRANSFORMER_CONFIG = InfinityConfig(
-    embed_dim=128,
-    depth=4,
-    num_heads=4,
-    mlp_ratio=4.0,
-    block_chunks=2,
-    text_channels=T5_WIDTH,
-    text_maxlen=64,
-    codebook_dim=VAE_CONFIG.codebook_dim,
-)
+
+def vae_config(bits: int) -> VAEConfig:
+    return VAEConfig(
+        codebook_dim=bits,
+        patch_size=4,
+        # 48 channels, not 32: GroupNorm has 32 (or 24) groups, and with one channel per group a flat
+        # background normalises to zero, so the VAE cannot tell a red background from a blue one.
+        base_channels=48,
+        encoder_ch_mult=(1, 1),
+        decoder_ch_mult=(1, 1, 1),
+        num_res_blocks=0,
+    )
+
+
+def transformer_config(width: int, depth: int, bits: int) -> InfinityConfig:
+    # heads of 32 channels, as at the default width of 128; block_chunks only names state-dict keys
+    return InfinityConfig(
+        embed_dim=width,
+        depth=depth,
+        num_heads=width // 32,
+        mlp_ratio=4.0,
+        block_chunks=2 if depth % 2 == 0 else 1,
+        text_channels=T5_WIDTH,
+        text_maxlen=64,
+        codebook_dim=bits,
+    )
+
+
 PREVIEW_PROMPTS = [
     "a photo of a red circle in the snow",
     "a photo of a blue square on sand",
@@ -85,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--vae_lr", type=float, default=3e-3)
     p.add_argument("--commitment", type=float, default=0.25, help="weight of |features - sg(quantized)|^2")
     p.add_argument("--steps", type=int, default=3200, help="transformer steps")
+    p.add_argument("--width", type=int, default=128, help="transformer width (a multiple of 32)")
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
+    p.add_argument("--vae_bits", type=int, default=16, help="bits per VAE token (BSQ codebook dimension)")
     p.add_argument(
         "--tokens_per_step", type=int, default=6144, help="batch size x sequence length of a transformer step"
     )
@@ -384,7 +401,7 @@ def main(argv=None):
         print(f"resuming the {state['stage']} stage after step {state['step']} from {args.checkpoint_dir}")
     tokenizer, text_encoder = load_text_encoder(checkpoint.text_encoder_dir, torch.float32, args.device)
 
-    vae = BSQVAE(VAE_CONFIG).to(args.device)
+    vae = BSQVAE(vae_config(args.vae_bits)).to(args.device)
     if state is not None and state["stage"] == "transformer":  # the VAE was finished before
         vae.load_state_dict({k[4:]: v for k, v in state["tensors"].items() if k.startswith("vae.")})
         vae.eval().requires_grad_(False)
@@ -392,7 +409,7 @@ def main(argv=None):
         train_vae(vae, world, schedule.vae_grids(False), args, checkpoint, state, generator)
     features = encode_images(vae, world.pixels, args.device)
 
-    transformer = InfinityTransformer(TRANSFORMER_CONFIG).to(args.device)
+    transformer = InfinityTransformer(transformer_config(args.width, args.depth, args.vae_bits)).to(args.device)
     train_transformer(
         transformer, tokenizer, text_encoder, features, world, schedule, args, generator, checkpoint, state, vae
     )

@@ -184,16 +184,36 @@ def test_the_learned_token_beats_the_best_words(tmp_path):
     assert after.mean() - before.mean() > 2 * MARGIN, (before.tolist(), after.tolist())
 
 
-def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch):
+@pytest.fixture
+def pretrain(monkeypatch):
+    """examples/pretrain_toy_infinity.py as a module, on an eighth of the world (one view per object)."""
+    monkeypatch.setattr(toy_world, "VIEWS_PER_OBJECT", 1)
+    spec = importlib.util.spec_from_file_location("pretrain", os.path.join(EXAMPLES, "pretrain_toy_infinity.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+QUICK_PRETRAINING = ["--vae_steps", "4", "--steps", "4", "--checkpointing_steps", "2", "--corpus_size", "300",
+                     "--tokens_per_step", "600", "--threads", "1", "--no_preview"]  # fmt: skip
+
+
+def test_pretraining_sizes_flags_shape_the_saved_model(tmp_path, pretrain):
+    """--width, --depth and --vae_bits (the sharpness measurements of the README) reach the files."""
+    out = tmp_path / "model"
+    sizes = ["--width", "64", "--depth", "3", "--vae_bits", "12"]
+    pretrain.main([*QUICK_PRETRAINING, *sizes, "--out", str(out), "--checkpoint_dir", str(tmp_path / "ckpt")])
+    pipe = InfinityPipeline.from_pretrained(str(out))
+    config = pipe.transformer.config
+    assert (config.embed_dim, config.depth, config.codebook_dim) == (64, 3, 12)
+    assert pipe.vae.config.codebook_dim == 12
+    (image,) = generate(pipe, "a photo of a red circle", 1, seed=0)
+    assert image.size == (toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE)
+
+
+def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, pretrain):
     """A few steps of each stage; stopped once in the VAE stage and once in the transformer stage."""
-    monkeypatch.setattr(toy_world, "VIEWS_PER_OBJECT", 1)  # an eighth of the world to render and encode
-    spec = importlib.util.spec_from_file_location(
-        "pretrain", os.path.join(ROOT, "examples", "pretrain_toy_infinity.py")
-    )
-    pretrain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pretrain)
-    common = ["--vae_steps", "4", "--steps", "4", "--checkpointing_steps", "2", "--corpus_size", "300",
-              "--tokens_per_step", "600", "--threads", "1", "--no_preview"]  # fmt: skip
+    common = QUICK_PRETRAINING
     pretrain.main([*common, "--out", str(tmp_path / "full"), "--checkpoint_dir", str(tmp_path / "ckpt-full")])
 
     save = pretrain.Checkpoint.maybe_save
