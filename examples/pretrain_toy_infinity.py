@@ -123,7 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint_dir", default=os.path.join("outputs", "pretrain-toy-infinity"))
     p.add_argument("--checkpointing_steps", type=int, default=100, help="Save the state every N steps of a stage.")
     p.add_argument("--resume", action="store_true", help="Continue from --checkpoint_dir.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.width % 32:
+        p.error(f"--width {args.width}: must be a multiple of 32 (heads of 32 channels)")
+    return args
 
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:

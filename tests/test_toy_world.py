@@ -209,6 +209,8 @@ def test_pretraining_sizes_flags_shape_the_saved_model(tmp_path, pretrain):
     assert pipe.vae.config.codebook_dim == 12
     (image,) = generate(pipe, "a photo of a red circle", 1, seed=0)
     assert image.size == (toy_world.IMAGE_SIZE, toy_world.IMAGE_SIZE)
+    with pytest.raises(SystemExit):  # before anything is rendered
+        pretrain.parse_args(["--width", "100"])
 
 
 def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, pretrain):
