@@ -215,8 +215,9 @@ def test_pretraining_sizes_flags_shape_the_saved_model(tmp_path, pretrain):
 
 def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, pretrain):
     """A few steps of each stage; stopped once in the VAE stage and once in the transformer stage."""
-    common = QUICK_PRETRAINING
-    pretrain.main([*common, "--out", str(tmp_path / "full"), "--checkpoint_dir", str(tmp_path / "ckpt-full")])
+    pretrain.main(
+        [*QUICK_PRETRAINING, "--out", str(tmp_path / "full"), "--checkpoint_dir", str(tmp_path / "ckpt-full")]
+    )
 
     save = pretrain.Checkpoint.maybe_save
 
@@ -228,7 +229,7 @@ def test_pretraining_resumed_after_interruptions_ends_with_the_uninterrupted_wei
 
         return maybe_save
 
-    argv = [*common, "--out", str(tmp_path / "resumed"), "--checkpoint_dir", str(tmp_path / "ckpt")]
+    argv = [*QUICK_PRETRAINING, "--out", str(tmp_path / "resumed"), "--checkpoint_dir", str(tmp_path / "ckpt")]
     for stage in ("vae", "transformer"):
         monkeypatch.setattr(pretrain.Checkpoint, "maybe_save", stop_after(stage))
         with pytest.raises(KeyboardInterrupt):
