@@ -36,6 +36,20 @@ def write_json(path: str, payload) -> None:
     write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
+def save_safetensors(tensors: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically, its header's keys in sorted order: the same tensors
+    and metadata always give the same bytes (safetensors itself writes the metadata in hash order,
+    which changes from process to process)."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    header = header.encode() + b" " * (-len(header.encode()) % 8)  # the data stays 8-byte aligned
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + raw[8 + size :])
+
+
 def save_image(image, path: str) -> None:
     """A PIL image as PNG (whatever the file's extension)."""
     with atomic_write(path) as tmp:

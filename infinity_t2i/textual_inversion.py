@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .files import atomic_write
+from .files import save_safetensors
 from .loading import CheckpointError, ModelFilesNotFound, read_state_dict, resolve_model_file
 from .text import SPACE_PIECE
 
@@ -283,8 +282,7 @@ def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
     tensors = {concept.placeholder: concept.vectors}
     if concept.mode == "output":
         tensors[concept.placeholder + T5_INPUT_SUFFIX] = concept.t5_input
-    with atomic_write(path) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    save_safetensors({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def _decode_metadata(raw: dict) -> dict:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from infinity_t2i.pipeline import load_text_encoder
 from infinity_t2i.text import SPACE_PIECE, encode_prompt, tokenize
@@ -9,6 +10,7 @@ from infinity_t2i.textual_inversion import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     ConceptError,
+    LearnedConcept,
     LearnedVectors,
     add_placeholder_tokens,
     ensure_embedding_rows,
@@ -16,6 +18,7 @@ from infinity_t2i.textual_inversion import (
     initializer_pieces,
     initializer_vectors,
     placeholder_tokens,
+    save_learned_embeds,
     write_rows,
 )
 
@@ -174,3 +177,21 @@ def test_only_the_learned_vectors_receive_gradients(t5):
     text.features[text.mask].sum().backward()
     assert learned.weight.grad is not None and learned.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in text_encoder.parameters())
+
+
+def test_a_saved_concept_is_the_same_bytes_every_time(tmp_path):
+    # safetensors writes its metadata in hash order, which changes between writes: a concept saved
+    # twice (or by a rerun with the same seed) differed byte for byte before the header was sorted
+    metadata = {f"key_{i}": f"value {i}" for i in range(12)} | {"initializer_token": "chien ✓"}
+    concept = LearnedConcept(
+        "<c>", ["<c>", "<c>_1"], torch.randn(2, 8), metadata, mode="output", t5_input=torch.randn(2, 8)
+    )
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in paths:
+        save_learned_embeds(str(path), concept)
+    assert len({path.read_bytes() for path in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as f:
+        assert torch.equal(f.get_tensor("<c>"), concept.vectors)
+        assert f.metadata()["initializer_token"] == "chien ✓"
+    header_size = int.from_bytes(paths[0].read_bytes()[:8], "little")
+    assert header_size % 8 == 0
