@@ -14,6 +14,7 @@ half of the scales (--train_scales half), where a concept's colour, layout and s
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -649,17 +650,137 @@ class CaptionFeatures:
         return pad(ids, batch_first=True), TextCondition(pad(features, batch_first=True), mask)
 
 
+@dataclass
+class TrainingData:
+    """What the loop draws its batches from."""
+
+    examples: list[Example]
+    schedules: list[ScaleSchedule]  # per example: its template's scales at --pn
+    pixels: list[list[torch.Tensor]]  # per example: (3, H, W) in [-1, 1], and its mirror with --random_flip
+    cached_features: list[list[torch.Tensor]] | None  # the VAE's features of the same (--cache_latents)
+    caption_features: CaptionFeatures | None  # output mode
+    batch_sampler: SameShapeBatchSampler
+    dataloader: DataLoader
+
+    def captions(self, indices: list[int], templates: list[str], placeholder: str, rng: torch.Generator) -> list[str]:
+        """Each image's own caption, or a caption template drawn from `rng`."""
+        return [
+            self.examples[i].caption
+            if self.examples[i].caption is not None
+            else templates[torch.randint(0, len(templates), (), generator=rng).item()].format(placeholder)
+            for i in indices
+        ]
+
+
+def encode_training_captions(args, examples: list[Example], pipe, concept) -> CaptionFeatures:
+    """Output mode: every caption the run can draw, through T5 once; then T5 leaves the GPU until
+    validation, which encodes on the CPU."""
+    captions = {e.caption for e in examples if e.caption is not None} | {
+        t.format(args.placeholder_token) for t in TEMPLATES[args.learnable_property]
+    }
+    caption_features = CaptionFeatures(pipe.tokenizer, pipe.text_encoder, sorted(concept.expand(c) for c in captions))
+    if pipe.device.type == "cuda":
+        pipe.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
+        t5_bytes = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
+        logger.info(
+            f"flan-T5 moved to the CPU after encoding {len(captions)} captions "
+            f"({t5_bytes / 2**30:.2f} GiB of GPU memory freed)"
+        )
+    return caption_features
+
+
+def prepare_training_data(args, raw_examples, pipe, concept, accelerator) -> TrainingData:
+    """Images at their templates' sizes; the VAE's features computed once per image and flip; the
+    batches, each of one shape, shared out between the processes."""
+    examples, schedules = prepare_examples(args, raw_examples, pipe.token_stride)
+    pixels = [
+        [to_tensor(e.image)] + ([to_tensor(ImageOps.mirror(e.image))] if args.random_flip else []) for e in examples
+    ]
+    cached_features = None
+    if args.cache_latents:
+        with torch.no_grad():
+            cached_features = [
+                [pipe.vae.encode(p.unsqueeze(0).to(pipe.device))[0] for p in variants]
+                for variants in tqdm(pixels, desc="Encoding images", disable=not accelerator.is_local_main_process)
+            ]
+    caption_features = encode_training_captions(args, examples, pipe, concept) if args.ti_mode == "output" else None
+    dataset = RepeatedIndices(len(examples), args.repeats)
+    batch_sampler = SameShapeBatchSampler(
+        dataset,
+        [s.grids for s in schedules],
+        args.train_batch_size,
+        args.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
+    return TrainingData(examples, schedules, pixels, cached_features, caption_features, batch_sampler, dataloader)
+
+
+# ---------------------------------------------------------------------------------------------
+# The concept: its tokens and their trainable vectors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConceptTokens:
+    """The placeholder's tokens as the tokenizer knows them, and what the vectors start from."""
+
+    placeholder: str
+    tokens: list[str]  # <tok>, <tok>_1, ...
+    token_ids: list[int]
+    start: torch.Tensor  # N, C: the vectors at step 0
+    t5_input: torch.Tensor | None  # output mode: the rows T5 reads at the tokens (the initializer's)
+    vocab_norm: float  # the vocabulary's mean norm, logged beside the vectors'
+
+    def expand(self, text: str) -> str:
+        """The placeholder replaced by all its tokens, as every caption and prompt is."""
+        return expand_placeholders(text, {self.placeholder: self.tokens})
+
+
+def add_concept_tokens(args, tokenizer, text_encoder) -> ConceptTokens:
+    """Adds the placeholder's tokens to the tokenizer and T5. An initializer of k word pieces gives
+    k vectors, one per piece, so that at step 0 the concept draws what the word draws."""
+    embedding = text_encoder.get_input_embeddings()
+    pieces = initializer_pieces(tokenizer, args.initializer_token)
+    start = initializer_vectors(embedding.weight[pieces], args.num_vectors)
+    tokens = placeholder_tokens(args.placeholder_token, start.shape[0])
+    logger.info(
+        f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) "
+        f"{tokens}"
+    )
+    token_ids = add_placeholder_tokens(tokenizer, tokens)
+    ensure_embedding_rows(text_encoder, len(tokenizer))
+    vocab_norm = mean_embedding_norm(text_encoder.get_input_embeddings().weight, len(tokenizer) - len(tokens))
+    concept = ConceptTokens(args.placeholder_token, tokens, token_ids, start, None, vocab_norm)
+    if args.ti_mode == "output":
+        # T5 reads the initializer's pieces at the tokens (so the prompt around them encodes as with
+        # the word), and the vectors start at T5's output there in the first caption template
+        concept.t5_input = start
+        write_rows(text_encoder, token_ids, start)
+        first_caption = concept.expand(TEMPLATES[args.learnable_property][0].format(args.placeholder_token))
+        ids, features = CaptionFeatures(tokenizer, text_encoder, [first_caption]).rows[first_caption]
+        concept.start = torch.stack([features[int((ids == i).nonzero()[0, 0])] for i in token_ids]).cpu()
+    return concept
+
+
+def embed_with_learned(learned: LearnedVectors, embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """Input mode: T5's input embedding with the learned rows in place, in T5's dtype, as inference
+    writes them (accelerate returns float32 under mixed precision)."""
+    return learned(input_ids, embedding(input_ids)).to(embedding.weight.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
 
 
-def concept_of(
-    args, learned: LearnedVectors, tokens: list[str], tokenizer, t5_input: torch.Tensor | None, step: int
-) -> LearnedConcept:
+def save_embedding(path: str, args, concept: ConceptTokens, learned: LearnedVectors, tokenizer, step: int) -> None:
+    """The learned vectors as learned_embeds.safetensors, with what inference needs to use them."""
     metadata = {
         "initializer_token": args.initializer_token,
-        "num_vectors": len(tokens),
+        "num_vectors": len(concept.tokens),
         "hold_norm": args.hold_norm,
         "learnable_property": args.learnable_property,
         "base_model": args.pretrained_model_name_or_path,
@@ -679,7 +800,12 @@ def concept_of(
         "step": step,
     }
     vectors = learned.vectors.detach().float().cpu()
-    return LearnedConcept(args.placeholder_token, tokens, vectors, metadata, mode=args.ti_mode, t5_input=t5_input)
+    save_learned_embeds(
+        path,
+        LearnedConcept(
+            args.placeholder_token, concept.tokens, vectors, metadata, mode=args.ti_mode, t5_input=concept.t5_input
+        ),
+    )
 
 
 def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor, scores: dict) -> None:
@@ -818,14 +944,131 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
 
 
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, run: dict[str, str]
+) -> None:
+    """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
+    every process, with `run` (the seed and the recipe) as its metadata, written to a temporary
+    folder and renamed when complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its part before the rename
+    if accelerator.is_main_process:
+        save_file(
+            {f"process_{i}": s for i, s in enumerate(states)},
+            os.path.join(tmp, STEP_RNG_NAME),
+            metadata=run,
+        )
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info(f"saved state to {final}")
+    accelerator.wait_for_everyone()
+
+
+def save_final_files(args, concept, learned: LearnedVectors, tokenizer, step: int, validation, repo_id) -> None:
+    """The embedding, the token and kind files and the model card; then the hub, if asked."""
+    save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), args, concept, learned, tokenizer, step)
+    write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
+    write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
+    save_model_card(
+        args,
+        repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+        validation.last_grid,
+        learned.vectors,
+        validation.last_scores,
+    )
+    if args.push_to_hub:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            commit_message=f"Textual inversion {args.placeholder_token}, step {step}",
+            allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"]
+            + ([validation.last_grid] if validation.last_grid else []),
+            token=args.hub_token,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+class Validation:
+    """Renders --validation_prompt with the current vectors put in place as inference puts them,
+    saves a labelled grid (and shows it in the trackers); with --validation_similarity_model,
+    scores the images against the training images. Runs on the main process only."""
+
+    def __init__(self, args, pipe, concept: ConceptTokens, examples: list[Example], accelerator: Accelerator):
+        self.args, self.pipe, self.concept, self.accelerator = args, pipe, concept, accelerator
+        self.enabled = bool(args.validation_prompt) and accelerator.is_main_process
+        self.similarity = None
+        if args.validation_similarity_model and accelerator.is_main_process:
+            self.similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
+            self.similarity.set_reference([e.image for e in examples])
+        self.last_grid, self.last_scores = None, {}  # for the model card
+
+    def __call__(self, step: int, vectors: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        args, text_encoder = self.args, self.pipe.text_encoder
+        if args.ti_mode == "output":
+            set_output_rows(text_encoder, self.concept.token_ids, vectors)
+        else:
+            write_rows(text_encoder, self.concept.token_ids, vectors)
+        was_training = text_encoder.training
+        text_encoder.eval()
+        schedule = get_schedule(1.0, args.pn)
+        images = [
+            generate_images(
+                self.pipe, self.concept.expand(p), args.num_validation_images, seed=args.seed, schedule=schedule
+            )
+            for p in args.validation_prompt
+        ]
+        text_encoder.train(was_training)
+        if self.similarity is not None:  # the prompts in words (the initializer for the token) for CLIP's text side
+            words = [
+                replace_placeholder(p, args.placeholder_token, args.initializer_token) for p in args.validation_prompt
+            ]
+            scores = self.similarity.scores(
+                [im for row in images for im in row], [w for w in words for _ in range(len(images[0]))]
+            )
+            self.last_scores = {"step": step, **scores}
+            self.accelerator.log({f"similarity/{k}": v for k, v in scores.items()}, step=step)
+        grid = labelled_grid(
+            images,
+            row_labels=args.validation_prompt,
+            column_labels=[f"seed {args.seed + i}" for i in range(args.num_validation_images)],
+            title=f"{args.placeholder_token}, step {step}",
+        )
+        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+        self.last_grid = os.path.join("validation", f"step-{step:06d}.png")
+        save_image(grid, os.path.join(args.output_dir, self.last_grid))
+        self.log_grid(grid, step)
+
+    def log_grid(self, grid: Image.Image, step: int) -> None:
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                caption = " | ".join(self.args.validation_prompt)
+                tracker.log({"validation": [wandb.Image(grid, caption=caption)]}, step=step)
+            elif tracker.name == "mlflow":
+                tracker.tracker.log_image(grid, f"validation/step-{step:06d}.png")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
 
-def main(args):
-    # 1. Read and check the data, and where the results go, before anything is loaded or written.
-    recipe = recipe_of(args)  # as given: --scale_lr rescales the learning rate below
+def check_inputs(args) -> list[tuple[str, Image.Image, str | None]]:
+    """The data, the output folder and the similarity model, checked before anything is loaded or
+    written; returns the training images."""
     raw_examples = read_examples(args)
     problem = unwritable_reason(args.output_dir)
     if problem:
@@ -835,8 +1078,10 @@ def main(args):
             check_similarity_model(args.validation_similarity_model)
         except ValueError as e:
             raise UsageError(str(e)) from e
+    return raw_examples
 
-    # 2. Accelerator, logging, seed.
+
+def make_accelerator(args) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -862,17 +1107,161 @@ def main(args):
             "mixed precision fp16 (from your accelerate config) is refused: Infinity's blocks run in bfloat16; pass "
             "--mixed_precision bf16 or no"
         )
+    return accelerator
+
+
+def checkpoint_and_seed(args, accelerator: Accelerator, recipe: dict[str, str]) -> str | None:
+    """The checkpoint to resume (checked, and made with this recipe) and the run's seed: --seed,
+    else the checkpoint's, else a new one. Returns the checkpoint's folder or None."""
     resume_path = resolve_resume(args)
     if resume_path is not None:
         check_checkpoint(resume_path, accelerator.num_processes)
         saved_run = checkpoint_run(resume_path)
         check_recipe(resume_path, saved_run, recipe)
-    if args.seed is None and resume_path is not None:  # the batch order depends on the seed
-        args.seed = int(saved_run["seed"])
-        logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
+        if args.seed is None:  # the batch order depends on the seed
+            args.seed = int(saved_run["seed"])
+            logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         logger.info(f"no --seed given; using {args.seed}")
+    return resume_path
+
+
+def make_optimizer(args, learned: LearnedVectors, num_batches: int, num_processes: int):
+    """AdamW over the vectors and the learning-rate schedule; returns them and the optimisation
+    steps per epoch. --scale_lr and a missing --max_train_steps are resolved here."""
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * num_processes
+    optimizer = torch.optim.AdamW(
+        learned.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)  # this process's share
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_scheduler = transformers.get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+        scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles}
+        if args.lr_scheduler == "cosine_with_restarts"
+        else None,
+    )
+    return optimizer, lr_scheduler, steps_per_epoch
+
+
+def start_hub_and_trackers(args, accelerator: Accelerator) -> str | None:
+    """The first writes (everything has been checked): the output folder, the hub repo and the
+    trackers. Returns the hub repo id with --push_to_hub."""
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.push_to_hub:
+            repo_id = create_repo(
+                repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+        # never the token: trackers write their config to disk and to their servers
+        tracker_config = {
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+        }
+        accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
+    return repo_id
+
+
+def resume_training_state(
+    args, accelerator: Accelerator, learned, resume_path: str | None, step_rng: torch.Generator, steps_per_epoch: int
+) -> tuple[int, int, int]:
+    """Loads a checkpoint's vectors, optimizer, schedule and random states; returns the step it
+    was saved at, the epoch to go on with and the batches of that epoch already done."""
+    if resume_path is None:
+        if args.resume_from_checkpoint:
+            accelerator.print("No checkpoint found; starting a new training run.")
+        return 0, 0, 0
+    accelerator.print(f"Resuming from {resume_path}")
+    saved = {k: tuple(v.shape) for k, v in load_file(os.path.join(resume_path, "model.safetensors")).items()}
+    expected = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(learned).state_dict().items()}
+    if saved != expected:
+        raise UsageError(
+            f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another "
+            "--num_vectors, --ti_mode or --hold_norm"
+        )
+    accelerator.load_state(resume_path)
+    step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
+    global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
+    first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    return global_step, first_epoch, steps_into_epoch * args.gradient_accumulation_steps
+
+
+def training_loss(
+    args, indices: list[int], data: TrainingData, pipe, concept: ConceptTokens, learned, step_rng: torch.Generator
+) -> torch.Tensor:
+    """Infinity's training loss on one batch: each trained scale's bits predicted from the coarser
+    scales, conditioned on the captions with the placeholder. Per-step randomness (flips,
+    self-correction, caption templates) comes from `step_rng`, in that order."""
+    schedule = data.schedules[indices[0]]
+    flips = (
+        torch.randint(0, 2, (len(indices),), generator=step_rng).tolist() if args.random_flip else [0] * len(indices)
+    )
+    with torch.no_grad():
+        if data.cached_features is not None:
+            features = torch.stack([data.cached_features[i][f] for i, f in zip(indices, flips)])
+        else:
+            features = pipe.vae.encode(torch.stack([data.pixels[i][f] for i, f in zip(indices, flips)]).to(pipe.device))
+        num_scales = num_training_scales(schedule, args.train_scales)
+        inputs = make_training_inputs(
+            features,
+            schedule,
+            pipe.transformer.config.spatial_patchify,
+            args.self_correction_strength,
+            args.self_correction_scales,
+            step_rng,
+            num_scales,
+        )
+        schedule = schedule.prefix(num_scales)
+    captions = data.captions(indices, TEMPLATES[args.learnable_property], args.placeholder_token, step_rng)
+    captions = [concept.expand(c) for c in captions]
+    if data.caption_features is None:  # input mode: T5 runs with the learned rows
+        embedding = pipe.text_encoder.get_input_embeddings()
+        embed_tokens = functools.partial(embed_with_learned, learned, embedding)
+        text = encode_prompt(pipe.tokenizer, pipe.text_encoder, captions, embed_tokens=embed_tokens)
+    else:
+        input_ids, text = data.caption_features(captions)
+        text = TextCondition(learned(input_ids, text.features), text.mask)
+    logits = pipe.transformer(text, inputs.x_tokens, schedule)
+    return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
+
+
+def loss_is_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Decided together: a NaN on any process stops every process."""
+    return accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() > 0
+
+
+def save_progress(args, accelerator, concept, learned, tokenizer, step: int, step_rng, recipe) -> None:
+    """The embedding every --save_steps and a resumable checkpoint every --checkpointing_steps
+    (the oldest pruned once the new one is complete)."""
+    if accelerator.is_main_process and step % args.save_steps == 0:
+        path = os.path.join(args.output_dir, f"learned_embeds-steps-{step}.safetensors")
+        save_embedding(path, args, concept, accelerator.unwrap_model(learned), tokenizer, step)
+    if step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args.output_dir, step, step_rng, {"seed": str(args.seed)} | recipe)
+        if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+            prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+
+
+def main(args):
+    # 1. Check the data and where the results go, before anything is loaded or written.
+    recipe = recipe_of(args)  # as given: --scale_lr rescales the learning rate below
+    raw_examples = check_inputs(args)
+
+    # 2. Accelerator, logging, the checkpoint to resume and the seed.
+    accelerator = make_accelerator(args)
+    resume_path = checkpoint_and_seed(args, accelerator, recipe)
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -888,104 +1277,24 @@ def main(args):
         revision=args.revision,
         text_encoder_dtype=TEXT_ENCODER_DTYPES.get(args.text_encoder_dtype),
     )
-    tokenizer, text_encoder, transformer, vae = pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.vae
+    tokenizer = pipe.tokenizer
 
-    # 4. The placeholder tokens and their trainable vectors. An initializer of k word pieces gives
-    #    k vectors, one per piece, so that at step 0 the concept draws what the word draws.
-    embedding = text_encoder.get_input_embeddings()
-    pieces = initializer_pieces(tokenizer, args.initializer_token)
-    start = initializer_vectors(embedding.weight[pieces], args.num_vectors)
-    tokens = placeholder_tokens(args.placeholder_token, start.shape[0])
-    logger.info(
-        f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) "
-        f"{tokens}"
-    )
-    token_ids = add_placeholder_tokens(tokenizer, tokens)
-    ensure_embedding_rows(text_encoder, len(tokenizer))
-    embedding = text_encoder.get_input_embeddings()
-    vocab_norm = mean_embedding_norm(embedding.weight, len(tokenizer) - len(tokens))
-    concept_tokens = {args.placeholder_token: tokens}
-    t5_input = None
-    if args.ti_mode == "output":
-        t5_input = start
-        # T5 reads the initializer's pieces at the tokens (so the prompt around them encodes as with
-        # the word), and the vectors start at T5's output there in the first caption template
-        write_rows(text_encoder, token_ids, start)
-        first_caption = expand_placeholders(
-            TEMPLATES[args.learnable_property][0].format(args.placeholder_token), concept_tokens
-        )
-        ids, features = CaptionFeatures(tokenizer, text_encoder, [first_caption]).rows[first_caption]
-        start = torch.stack([features[int((ids == i).nonzero()[0, 0])] for i in token_ids]).cpu()
-    learned = LearnedVectors(token_ids, start, hold_norm=args.hold_norm).to(accelerator.device)
+    # 4. The placeholder's tokens and their trainable vectors (float32, outside the frozen model).
+    concept = add_concept_tokens(args, tokenizer, pipe.text_encoder)
+    learned = LearnedVectors(concept.token_ids, concept.start, hold_norm=args.hold_norm).to(accelerator.device)
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
     #    learned vectors are kept. T5 is not checkpointed: HF checkpoints only in train mode, where
     #    T5's attention applies its dropout, and its activations at caption length are small.
     if args.gradient_checkpointing:
-        transformer.gradient_checkpointing = True
+        pipe.transformer.gradient_checkpointing = True
 
-    # 6. Data: images at their templates' sizes; VAE features computed once per image and flip.
-    examples, schedules = prepare_examples(args, raw_examples, pipe.token_stride)
-    patchify = transformer.config.spatial_patchify
-    pixels = [
-        [to_tensor(e.image)] + ([to_tensor(ImageOps.mirror(e.image))] if args.random_flip else []) for e in examples
-    ]
-    cached_features = None
-    if args.cache_latents:
-        with torch.no_grad():
-            cached_features = [
-                [vae.encode(p.unsqueeze(0).to(accelerator.device))[0] for p in variants]
-                for variants in tqdm(pixels, desc="Encoding images", disable=not accelerator.is_local_main_process)
-            ]
-    caption_features = None
-    if args.ti_mode == "output":
-        templates = TEMPLATES[args.learnable_property]
-        captions = {e.caption for e in examples if e.caption is not None} | {
-            t.format(args.placeholder_token) for t in templates
-        }
-        caption_features = CaptionFeatures(
-            tokenizer, text_encoder, sorted(expand_placeholders(c, concept_tokens) for c in captions)
-        )
-        if accelerator.device.type == "cuda":  # T5 is not needed until validation, which encodes on the CPU
-            text_encoder.to("cpu")
-            torch.cuda.empty_cache()
-            t5_bytes = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
-            logger.info(
-                f"flan-T5 moved to the CPU after encoding {len(captions)} captions "
-                f"({t5_bytes / 2**30:.2f} GiB of GPU memory freed)"
-            )
-    dataset = RepeatedIndices(len(examples), args.repeats)
-    batch_sampler = SameShapeBatchSampler(
-        dataset,
-        [s.grids for s in schedules],
-        args.train_batch_size,
-        args.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
-    train_dataloader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.dataloader_num_workers)
+    # 6. Data.
+    data = prepare_training_data(args, raw_examples, pipe, concept, accelerator)
 
     # 7. Optimizer and schedule.
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        learned.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)  # this process's share
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_scheduler = transformers.get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-        scheduler_specific_kwargs={"num_cycles": args.lr_num_cycles}
-        if args.lr_scheduler == "cosine_with_restarts"
-        else None,
+    optimizer, lr_scheduler, steps_per_epoch = make_optimizer(
+        args, learned, len(data.dataloader), accelerator.num_processes
     )
     learned, optimizer, lr_scheduler = accelerator.prepare(learned, optimizer, lr_scheduler)  # the loader shards itself
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -994,179 +1303,48 @@ def main(args):
     step_rng = torch.Generator().manual_seed(args.seed + accelerator.process_index)
 
     # 8. Hub repo and trackers (the first writes: everything above has been checked).
-    repo_id = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-        # never the token: trackers write their config to disk and to their servers
-        tracker_config = {
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
-        }
-        accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
+    repo_id = start_hub_and_trackers(args, accelerator)
 
     # 9. Resume.
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint and resume_path is None:
-        accelerator.print("No checkpoint found; starting a new training run.")
-    elif resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        saved = {k: tuple(v.shape) for k, v in load_file(os.path.join(resume_path, "model.safetensors")).items()}
-        expected = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(learned).state_dict().items()}
-        if saved != expected:
-            raise UsageError(
-                f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another "
-                "--num_vectors, --ti_mode or --hold_norm"
-            )
-        accelerator.load_state(resume_path)
-        step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
-        global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
-        first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
-        skip_batches = steps_into_epoch * args.gradient_accumulation_steps
-
+    global_step, first_epoch, skip_batches = resume_training_state(
+        args, accelerator, learned, resume_path, step_rng, steps_per_epoch
+    )
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running textual inversion *****")
     logger.info(
-        f"  Images = {len(examples)} (x{args.repeats} repeats), tokens = {tokens}, initializer = "
+        f"  Images = {len(data.examples)} (x{args.repeats} repeats), tokens = {concept.tokens}, initializer = "
         f"{args.initializer_token!r}"
     )
     logger.info(
         f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}"
     )
-
-    def save_embedding(path: str, step: int) -> None:
-        save_learned_embeds(
-            path, concept_of(args, accelerator.unwrap_model(learned), tokens, tokenizer, t5_input, step)
-        )
-
-    similarity = None
-    if args.validation_similarity_model and accelerator.is_main_process:
-        similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
-        similarity.set_reference([e.image for e in examples])
-    last_grid, last_scores = None, {}
-
-    def run_validation(step: int) -> None:
-        nonlocal last_grid, last_scores
-        if not args.validation_prompt or not accelerator.is_main_process:
-            return
-        vectors = accelerator.unwrap_model(learned).vectors  # put in place as inference will
-        if args.ti_mode == "output":
-            set_output_rows(text_encoder, token_ids, vectors)
-        else:
-            write_rows(text_encoder, token_ids, vectors)
-        was_training = text_encoder.training
-        text_encoder.eval()
-        prompts = [expand_placeholders(p, concept_tokens) for p in args.validation_prompt]
-        images = [
-            generate_images(pipe, p, args.num_validation_images, seed=args.seed, schedule=get_schedule(1.0, args.pn))
-            for p in prompts
-        ]
-        text_encoder.train(was_training)
-        if similarity is not None:  # the prompts in words (the initializer for the token) for CLIP's text side
-            words = [
-                replace_placeholder(p, args.placeholder_token, args.initializer_token) for p in args.validation_prompt
-            ]
-            scores = similarity.scores(
-                [im for row in images for im in row], [w for w in words for _ in range(len(images[0]))]
-            )
-            last_scores = {"step": step, **scores}
-            accelerator.log({f"similarity/{k}": v for k, v in scores.items()}, step=step)
-        grid = labelled_grid(
-            images,
-            row_labels=args.validation_prompt,
-            column_labels=[f"seed {args.seed + i}" for i in range(args.num_validation_images)],
-            title=f"{args.placeholder_token}, step {step}",
-        )
-        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-        last_grid = os.path.join("validation", f"step-{step:06d}.png")
-        save_image(grid, os.path.join(args.output_dir, last_grid))
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompt))]}, step=step)
-            elif tracker.name == "mlflow":
-                tracker.tracker.log_image(grid, f"validation/step-{step:06d}.png")
-
+    validation = Validation(args, pipe, concept, data.examples, accelerator)
     if global_step == 0:
-        run_validation(0)
+        validation(0, accelerator.unwrap_model(learned).vectors)
+    # the vectors that last gave a finite loss, saved if the loss turns NaN
     last_good, last_good_step = accelerator.unwrap_model(learned).weight.detach().clone(), global_step
-
-    def embed_with_learned(input_ids: torch.Tensor) -> torch.Tensor:
-        # in T5's dtype, as inference writes the rows (accelerate returns float32 under mixed precision)
-        return learned(input_ids, embedding(input_ids)).to(embedding.weight.dtype)
 
     # 10. The loop.
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     for epoch in range(first_epoch, args.num_train_epochs):
-        batch_sampler.use_epoch(epoch)
-        batches = (
-            accelerator.skip_first_batches(train_dataloader, skip_batches)
-            if epoch == first_epoch and skip_batches
-            else train_dataloader
-        )
+        data.batch_sampler.use_epoch(epoch)
+        batches = data.dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(data.dataloader, skip_batches)
         for indices in batches:
             if global_step >= args.max_train_steps:  # a resumed run that had already finished
                 break
             with accelerator.accumulate(learned):
-                indices = indices.tolist()
-                schedule = schedules[indices[0]]
-                flips = (
-                    torch.randint(0, 2, (len(indices),), generator=step_rng).tolist()
-                    if args.random_flip
-                    else [0] * len(indices)
-                )
-                with torch.no_grad():
-                    if cached_features is not None:
-                        features = torch.stack([cached_features[i][f] for i, f in zip(indices, flips)])
-                    else:
-                        features = vae.encode(
-                            torch.stack([pixels[i][f] for i, f in zip(indices, flips)]).to(accelerator.device)
-                        )
-                    num_scales = num_training_scales(schedule, args.train_scales)
-                    inputs = make_training_inputs(
-                        features,
-                        schedule,
-                        patchify,
-                        args.self_correction_strength,
-                        args.self_correction_scales,
-                        step_rng,
-                        num_scales,
-                    )
-                    schedule = schedule.prefix(num_scales)
-                captions = []
-                for i in indices:
-                    if examples[i].caption is not None:
-                        captions.append(examples[i].caption)
-                    else:
-                        templates = TEMPLATES[args.learnable_property]
-                        captions.append(
-                            templates[torch.randint(0, len(templates), (), generator=step_rng).item()].format(
-                                args.placeholder_token
-                            )
-                        )
-                captions = [expand_placeholders(c, concept_tokens) for c in captions]
-                if caption_features is None:
-                    text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=embed_with_learned)
-                else:
-                    input_ids, text = caption_features(captions)
-                    text = TextCondition(learned(input_ids, text.features), text.mask)
-                logits = transformer(text, inputs.x_tokens, schedule)
-                loss = bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
-                # decided together: a NaN on any process stops every process, and the main one saves
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() > 0
-                if not finite:
-                    if accelerator.is_main_process:  # the vectors that last gave a finite loss
+                loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, step_rng)
+                if not loss_is_finite(accelerator, loss):
+                    if accelerator.is_main_process:
                         accelerator.unwrap_model(learned).weight.data.copy_(last_good)
-                        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), last_good_step)
+                        path = os.path.join(args.output_dir, LEARNED_EMBEDS_NAME)
+                        save_embedding(
+                            path, args, concept, accelerator.unwrap_model(learned), tokenizer, last_good_step
+                        )
                     raise UsageError(
                         f"the loss became non-finite at step {global_step}; the last good embedding is in "
                         f"{args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)"
@@ -1185,27 +1363,17 @@ def main(args):
                 continue
             global_step += 1
             progress_bar.update(1)
-            vector_norm = accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item()
             logs = {
                 "loss": loss.detach().item(),
                 "lr": lr_scheduler.get_last_lr()[0],
-                "vector_norm": vector_norm,
-                "vocab_mean_norm": vocab_norm,
+                "vector_norm": accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item(),
+                "vocab_mean_norm": concept.vocab_norm,
             }
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if accelerator.is_main_process and global_step % args.save_steps == 0:
-                save_embedding(
-                    os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"), global_step
-                )
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, step_rng, {"seed": str(args.seed)} | recipe)
-                if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-                    prune_checkpoints(
-                        args.output_dir, args.checkpoints_total_limit
-                    )  # only once the new one is complete
+            save_progress(args, accelerator, concept, learned, tokenizer, global_step, step_rng, recipe)
             if global_step % args.validation_steps == 0:
-                run_validation(global_step)
+                validation(global_step, accelerator.unwrap_model(learned).vectors)
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -1214,50 +1382,8 @@ def main(args):
     # 11. Final files, then the hub.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), global_step)
-        write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
-        write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
-        save_model_card(
-            args,
-            repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            last_grid,
-            accelerator.unwrap_model(learned).vectors,
-            last_scores,
-        )
-        if args.push_to_hub:
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message=f"Textual inversion {args.placeholder_token}, step {global_step}",
-                allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"]
-                + ([last_grid] if last_grid else []),
-                token=args.hub_token,
-            )
+        save_final_files(args, concept, accelerator.unwrap_model(learned), tokenizer, global_step, validation, repo_id)
     accelerator.end_training()
-
-
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, run: dict[str, str]
-) -> None:
-    """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
-    every process, with `run` (the seed and the recipe) as its metadata, written to a temporary
-    folder and renamed when complete."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every process has written its part before the rename
-    if accelerator.is_main_process:
-        save_file(
-            {f"process_{i}": s for i, s in enumerate(states)},
-            os.path.join(tmp, STEP_RNG_NAME),
-            metadata=run,
-        )
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info(f"saved state to {final}")
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -81,3 +81,21 @@ def test_the_wheel_has_a_name_a_version_the_dependencies_and_the_recogniser(tmp_
     assert set(project["dependencies"]) <= {r.replace(" ", "") for r in required}
     assert "toy_infinity/recogniser.safetensors" in names and "infinity_t2i/pipeline.py" in names
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
+
+
+@pytest.mark.parametrize("script", ["train_textual_inversion_infinity.py", "infer_textual_inversion.py"])
+def test_the_scripts_read_in_steps(script):
+    # someone adapting a script finds the loop, the loss and the save in one screen each: main()
+    # within 200 lines, every other function (parse_args aside) within 150, no function inside main
+    import ast
+
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    lengths = {name: node.end_lineno - node.lineno + 1 for name, node in functions.items()}
+    assert lengths["main"] <= 200
+    assert {name: n for name, n in lengths.items() if n > 150 and name not in ("main", "parse_args")} == {}
+    nested = [
+        n.name for n in ast.walk(functions["main"]) if isinstance(n, ast.FunctionDef) and n is not functions["main"]
+    ]
+    assert nested == []
