@@ -23,7 +23,8 @@ top-p 0.97; each bit is sampled on its own, i.e. the official sampling_per_bits=
 
 Written to `--output_dir`: `{slug}_seed{seed}_{index}.png` per image, `{slug}_grid.png` per prompt,
 `{slug}_compare.png` with `--compare` (each seed's image beside the one with the initializer word
-in place of the learned token), and `settings.json` (every setting, the embeddings' metadata).
+in place of the learned token), and `settings.json` (every setting, the embeddings' metadata). The
+slug keeps a learned token visible: "a photo of a <my-dog>" -> `a-photo-of-a-[my-dog]`.
 """
 
 import argparse
@@ -32,6 +33,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -283,8 +285,18 @@ def replace_with_initializers(text: str, concepts: dict[str, LearnedConcept]) ->
     return text
 
 
-def slugify(text: str, max_length: int = 60) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def slugify(text: str, placeholders: Sequence[str] = (), max_length: int = 60) -> str:
+    """A prompt as a file name: lower-case words joined by "-", each learned placeholder kept
+    visible in brackets ("a photo of a <blue-heart>" -> "a-photo-of-a-[blue-heart]"), so that it
+    never takes the name of the same prompt in words."""
+
+    def words(part: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-")
+
+    # longest first, so that a placeholder inside another one's name does not split it
+    names = "|".join(placeholder_pattern(p).pattern for p in sorted(placeholders, key=len, reverse=True))
+    parts = re.split(f"({names})", text) if names else [text]  # odd parts: the placeholders
+    slug = "-".join(filter(None, (f"[{words(x) or 'token'}]" if i % 2 else words(x) for i, x in enumerate(parts))))
     return slug[:max_length].rstrip("-") or "prompt"
 
 
@@ -316,9 +328,9 @@ def plan_prompts(
                 f"the prompt {prompt!r} names none of the loaded tokens ({', '.join(concepts)}); it renders as with "
                 "the base model"
             )
-        slug, k = slugify(prompt), 2
+        slug, k = slugify(prompt, list(concepts)), 2
         while slug in slugs:
-            slug, k = f"{slugify(prompt)}-{k}", k + 1
+            slug, k = f"{slugify(prompt, list(concepts))}-{k}", k + 1
         slugs.add(slug)
         job = PromptJob(prompt, text, negative, {p: s for p, s in scales.items()}, used, slug)
         if compare and used:

@@ -29,6 +29,6 @@ python infer_textual_inversion.py \
   --output_dir "$out/images"
 
 echo
-echo "before/after (left: <blue-heart>, right: \"thing\", same seeds): $out/images/*_compare.png"
+echo "before/after (left: <blue-heart>, right: \"thing\", same seeds): $out/images/a-photo-of-a-[blue-heart]*_compare.png"
 echo "the best words, same seeds: $out/images/a-photo-of-a-blue-thing_grid.png"
 echo "during training: $out/embedding/validation/"

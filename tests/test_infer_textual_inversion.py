@@ -249,7 +249,7 @@ def test_images_equal_the_training_scripts_validation(trained, tiny_pipeline_dir
     grid exactly."""
     out = tmp_path / "out"
     run(tiny_pipeline_dir, trained, out, "--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
-    images = [Image.open(out / f"a-photo-of-a-blob_seed0_{i}.png") for i in range(2)]
+    images = [Image.open(out / f"a-photo-of-a-[blob]_seed0_{i}.png") for i in range(2)]
     assert [im.size for im in images] == [(64, 64)] * 2
     labels = {"row_labels": [f"a photo of a {PLACEHOLDER}"], "column_labels": ["seed 0", "seed 1"]}
     expected = labelled_grid([images], **labels, title=f"{PLACEHOLDER}, step 1")
@@ -274,7 +274,7 @@ def test_same_seed_same_images_other_seed_different(trained, tiny_pipeline_dir, 
     )
 
     def images(name, seed=0, n=2):
-        return [pixels(tmp_path / name / f"a-photo-of-a-blob_seed{seed}_{i}.png").astype(int) for i in range(n)]
+        return [pixels(tmp_path / name / f"a-photo-of-a-[blob]_seed{seed}_{i}.png").astype(int) for i in range(n)]
 
     a, again, b, (c,) = images("a"), images("again"), images("b"), images("c", seed=1, n=1)
     assert all(np.array_equal(x, y) for x, y in zip(a, again))  # same seed, same images
@@ -282,6 +282,20 @@ def test_same_seed_same_images_other_seed_different(trained, tiny_pipeline_dir, 
     assert all(np.abs(x - y).max() <= 1 for x, y in zip(a, b))
     assert np.array_equal(c, b[1])  # image i is drawn with seed + i
     assert np.abs(c - b[0]).mean() > 5  # another seed, another image
+
+
+@pytest.mark.parametrize(
+    "prompt, name",
+    [
+        ("a photo of a <blue-heart>", "a-photo-of-a-[blue-heart]"),
+        ("a photo of a blue heart", "a-photo-of-a-blue-heart"),  # the words keep their own name
+        ("<blue-heart>:0.5 on grass, <pc>x", "[blue-heart]-0-5-on-grass-[pc-x]"),
+        ("<pc> and <pc>x", "[pc]-and-[pc-x]"),  # the longer placeholder is not split by the shorter
+        ("a [tag] <pc>", "a-tag-[pc]"),  # brackets in the words are not a token's
+    ],
+)
+def test_file_names_keep_the_learned_token_visible(prompt, name):
+    assert infer.slugify(prompt, ["<pc>", "<blue-heart>", "<pc>x"]) == name
 
 
 @pytest.mark.usefixtures("fast")
@@ -293,7 +307,7 @@ def test_files_grids_and_settings_are_written(trained, tiny_pipeline_dir, tmp_pa
         "--prompt_file", str(prompt_file), "--num_images", "3", "--batch_size", "2", "--h_div_w", "0.52",
         "--compare", "--negative_prompt", "blurry")  # fmt: skip
     captured = capsys.readouterr()
-    slugs = ["a-photo-of-a-blob-on-the-beach", "blob-in-a-garden"]
+    slugs = ["a-photo-of-a-[blob]-on-the-beach", "[blob]-in-a-garden"]
     expected = {f"{s}_seed0_{i}.png" for s in slugs for i in range(3)} | {
         f"{s}_{kind}.png" for s in slugs for kind in ("grid", "compare")
     }
@@ -358,7 +372,7 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
                    "--prompt", "a <cat-toy>", "--prompt", "a <big>")  # fmt: skip
     assert "<cat-toy>" in caplog.text and "records no initializer_token" in caplog.text
     assert "--force: using it anyway" in caplog.text and "infinity_8b" in caplog.text
-    assert not os.path.exists(out / "a-cat-toy_compare.png") and os.path.exists(out / "a-big_compare.png")
+    assert not os.path.exists(out / "a-[cat-toy]_compare.png") and os.path.exists(out / "a-[big]_compare.png")
     assert settings["dtype"] == "bfloat16" and settings["prompts"][1]["compare_prompt"] == "a cat"
 
 
