@@ -7,9 +7,11 @@ images = pipe("a photo of a dog on the beach", seed=0).images
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
@@ -184,6 +186,18 @@ class InfinityPipeline:
             self.transformer.config, self.vae.config, "transformer.safetensors", "vae.safetensors", "text_encoder"
         )
         save_model_config(preset, directory)  # last: a folder with a config is a complete one
+
+    def fingerprint(self) -> str:
+        """A short hash of the base model itself, the same whatever path, device or block dtype it
+        was loaded with: its architecture and a few of its float32 weights. An embedding records
+        it, so that inference can tell another model behind the same folder name (and the same
+        model in another folder)."""
+        digest = hashlib.sha256()
+        configs = {"transformer": asdict(self.transformer.config), "vae": asdict(self.vae.config)}
+        digest.update(json.dumps(configs, sort_keys=True).encode())
+        for weight in (self.transformer.pos_start, self.transformer.lvl_embed.weight, self.transformer.head.weight):
+            digest.update(weight.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     @property
     def device(self) -> torch.device:

@@ -231,3 +231,13 @@ def test_saved_model_files_are_readable_like_any_file(tiny_pipeline_dir):
     os.umask(umask)
     for name in ("transformer.safetensors", "vae.safetensors", "infinity_config.json"):
         assert os.stat(os.path.join(tiny_pipeline_dir, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_the_fingerprint_names_the_model_not_its_folder_or_dtype(tiny_pipeline_dir, tmp_path):
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    moved = tmp_path / "renamed"
+    pipe.save_pretrained(str(moved))
+    assert InfinityPipeline.from_pretrained(str(moved), torch_dtype=torch.bfloat16).fingerprint() == pipe.fingerprint()
+    with torch.no_grad():
+        pipe.transformer.head.weight[0, 0] += 1e-3  # another model with the same architecture
+    assert InfinityPipeline.fingerprint(pipe) != InfinityPipeline.from_pretrained(str(moved)).fingerprint()
