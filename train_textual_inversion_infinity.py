@@ -14,13 +14,16 @@ half of the scales (--train_scales half), where a concept's colour, layout and s
 """
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import sys
+import uuid
 import zipfile
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
@@ -37,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from infinity_t2i.files import atomic_write, save_image, unwritable_reason, write_text
+from infinity_t2i.files import atomic_write, save_image, unwritable_reason, write_json, write_text
 from infinity_t2i.grids import labelled_grid
 from infinity_t2i.loading import CheckpointError, ModelFilesNotFound, looks_like_a_path
 from infinity_t2i.pipeline import (
@@ -50,7 +53,7 @@ from infinity_t2i.pipeline import (
 )
 from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
 from infinity_t2i.similarity import ConceptSimilarity, check_similarity_model
-from infinity_t2i.text import TextCondition, encode_prompt, tokenize
+from infinity_t2i.text import T5_MAX_LENGTH, TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
     TEMPLATES,
@@ -82,13 +85,51 @@ STEP_RNG_NAME = "step_rng.safetensors"
 # initializer is one piece, give the concept 8 rows of Infinity's cross-attention and beat 4 on
 # plain prompts (the unnamed blue heart 0.51 vs 0.28), while 16 lose the concept.
 DEFAULT_NUM_VECTORS = {"output": 8, "input": 1}
-# Flags that shape every step (loss, data, optimizer): a checkpoint records them, and a resume with
-# other values is refused, since it would not continue the run that was saved (defaults change too).
+# Flags that shape the result (concept, data, loss, optimizer): a run records them in run.json and
+# every checkpoint, and a resume with other values is refused, since it would not continue the run
+# that was saved (defaults change too).
 RECIPE_FLAGS = (
-    "pn", "learnable_property", "repeats", "random_flip", "center_crop", "train_batch_size",
-    "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
+    "placeholder_token", "initializer_token", "num_vectors", "ti_mode", "hold_norm", "learnable_property",
+    "image_column", "caption_column", "pn", "aspect_ratio", "repeats", "random_flip", "center_crop",
+    "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
+    "lr_num_cycles", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay", "max_grad_norm",
     "self_correction_strength", "self_correction_scales", "train_scales", "reweight_loss_by_scale",
+    "text_encoder_dtype",
 )  # fmt: skip
+RUN_RECORD_NAME = "run.json"  # who the run in --output_dir is: its RECIPE_FLAGS, data, seed, processes, id
+LOCK_NAME = ".lock"  # held by the run writing to --output_dir
+# folder -> its open lock file: held until the run ends (the system drops it when a process dies)
+_HELD_LOCKS = {}
+
+
+MAX_VECTORS = 64  # the placeholder's tokens share a caption's 512; the measured best is 8
+
+
+def _finite_in(low: float, high: float, high_included: bool = True):
+    return lambda x: math.isfinite(x) and low <= x and (x <= high if high_included else x < high)
+
+
+# The range of every numeric flag, checked at parse time: (what the value must be, the test).
+NUMBER_RULES = {
+    **{
+        name: ("at least 1", lambda n: n >= 1)
+        for name in (
+            "repeats", "train_batch_size", "num_train_epochs", "max_train_steps", "gradient_accumulation_steps",
+            "lr_num_cycles", "num_validation_images", "validation_steps", "save_steps", "checkpointing_steps",
+            "checkpoints_total_limit",
+        )
+    },
+    "num_vectors": (f"between 1 and {MAX_VECTORS}", lambda n: 1 <= n <= MAX_VECTORS),
+    **{name: ("at least 0", lambda n: n >= 0) for name in ("lr_warmup_steps", "dataloader_num_workers")},
+    "self_correction_scales": ("at least 0", lambda n: n >= 0),
+    "seed": (f"between 0 and {2**32 - 1}", lambda n: 0 <= n < 2**32),
+    **{name: ("a positive number", lambda x: math.isfinite(x) and x > 0) for name in (
+        "learning_rate", "adam_epsilon", "max_grad_norm")},
+    "adam_weight_decay": ("a number of at least 0", lambda x: math.isfinite(x) and x >= 0),
+    "adam_beta1": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
+    "adam_beta2": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
+    "self_correction_strength": ("in [0, 1]", _finite_in(0, 1)),
+}  # fmt: skip
 
 
 class UsageError(Exception):
@@ -357,6 +398,11 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='A checkpoint folder, or "latest".')
     parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace another run's files in --output_dir (a new run refuses a folder that holds them).",
+    )
+    parser.add_argument(
         "--push_to_hub", action="store_true", help="Upload the embedding, concept files, card and grid to the hub."
     )
     parser.add_argument("--hub_token", type=str, default=None, help="Token for --push_to_hub.")
@@ -376,20 +422,15 @@ def parse_args(argv=None):
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
     if args.num_vectors is None:
         args.num_vectors = DEFAULT_NUM_VECTORS[args.ti_mode]
-    for name in (
-        "num_vectors",
-        "repeats",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "validation_steps",
-        "save_steps",
-        "checkpointing_steps",
-        "num_validation_images",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        parser.error(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    for name, (rule, holds) in NUMBER_RULES.items():
+        value = getattr(args, name)
+        if value is not None and not holds(value):
+            parser.error(f"--{name} must be {rule}, got {value}")
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        parser.error(
+            "--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir replaces it; "
+            "give one of them"
+        )
     if args.validation_similarity_model and not args.validation_prompt:
         parser.error("--validation_similarity_model scores the validation images; give a --validation_prompt too")
     model = args.validation_similarity_model
@@ -425,6 +466,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError("it holds non-finite pixel values")
         scale = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
@@ -464,15 +507,27 @@ def read_captions(folder: str, caption_column: str) -> dict[str, str]:
     captions = {}
     metadata = os.path.join(folder, "metadata.jsonl")
     if os.path.exists(metadata):
+        lines = {}  # file name -> the line that captions it
         for n, line in enumerate(read_text(metadata).splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    captions[row["file_name"]] = row[caption_column]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise UsageError(
-                        f"{metadata} line {n}: expected JSON with file_name and {caption_column} ({e})"
-                    ) from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{metadata} line {n} is not JSON ({e}); write one object per line") from e
+            if not (
+                isinstance(row, dict)
+                and isinstance(row.get("file_name"), str)
+                and isinstance(row.get(caption_column), str)
+            ):
+                raise UsageError(
+                    f"{metadata} line {n}: expected an object with a string file_name and a string {caption_column} "
+                    f"(a caption with the placeholder); fix the line or remove it"
+                )
+            name = row["file_name"]
+            if name in lines:
+                raise UsageError(f"{metadata} captions {name} twice (lines {lines[name]} and {n}); keep one line")
+            lines[name], captions[name] = n, row[caption_column]
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
         if ext.lower() == ".txt" and stem:
@@ -490,6 +545,8 @@ def read_examples(args) -> list[tuple[str, Image.Image, str | None]]:
     caption must name the placeholder."""
     examples = _read_images_and_captions(args)
     for name, _, caption in examples:
+        if caption is not None and not isinstance(caption, str):
+            raise UsageError(f"the caption of {name} is {caption!r}, not text; give a caption with the placeholder")
         if caption is not None and args.placeholder_token not in caption:
             raise UsageError(f"the caption of {name} does not contain {args.placeholder_token}: {caption!r}")
     return examples
@@ -776,36 +833,200 @@ def embed_with_learned(learned: LearnedVectors, embedding: torch.nn.Embedding, i
 # ---------------------------------------------------------------------------------------------
 
 
-def save_embedding(path: str, args, concept: ConceptTokens, learned: LearnedVectors, tokenizer, step: int) -> None:
-    """The learned vectors as learned_embeds.safetensors, with what inference needs to use them."""
-    metadata = {
+def shareable_name(name_or_path: str) -> str:
+    """A model as an embedding or card may name it: a hub id as it is, a local folder by its name
+    only (a path says nothing to anyone else, and may say too much)."""
+    return name_or_path if is_hub_repo_id(name_or_path) else os.path.basename(os.path.normpath(name_or_path))
+
+
+def run_files(args) -> list[str]:
+    """The names in --output_dir that a training run writes (what --overwrite_output_dir removes)."""
+    if not os.path.isdir(args.output_dir):
+        return []
+    own = {RUN_RECORD_NAME, LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"}
+    own |= {"validation", os.path.normpath(args.logging_dir).split(os.sep)[0]}
+    return sorted(
+        name
+        for name in os.listdir(args.output_dir)
+        if name in own or name.startswith(("checkpoint-", "learned_embeds-steps-")) or name.endswith(".tmp")
+    )
+
+
+def check_output_dir(args) -> None:
+    """Refuses, before anything loads, a folder that cannot be written or that holds another run's
+    results (unless told to resume that run or to replace it)."""
+    problem = unwritable_reason(args.output_dir)
+    if problem:
+        raise UsageError(f"--output_dir: {problem}; choose another folder")
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    results = [n for n in run_files(args) if n in (RUN_RECORD_NAME, LEARNED_EMBEDS_NAME) or n.startswith("checkpoint-")]
+    if results:
+        who = read_run_record(args.output_dir).get("placeholder_token", "another run")
+        raise UsageError(
+            f"--output_dir {args.output_dir} holds the results of {who} ({', '.join(results[:3])}"
+            f"{', ...' if len(results) > 3 else ''}); continue it with --resume_from_checkpoint latest, replace it "
+            "with --overwrite_output_dir, or choose another folder"
+        )
+
+
+def read_run_record(output_dir: str) -> dict[str, str]:
+    """run.json of the run in `output_dir` ({} if there is none)."""
+    path = os.path.join(output_dir, RUN_RECORD_NAME)
+    if not os.path.exists(path):
+        return {}
+    try:
+        record = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is damaged ({e}); pass --overwrite_output_dir to start a new run there") from e
+    if not isinstance(record, dict):
+        raise UsageError(f"{path} is not a run record; pass --overwrite_output_dir to start a new run there")
+    return {str(k): str(v) for k, v in record.items()}
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """One run at a time writes to a folder: a second one is refused in one line."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return
+    path = os.path.abspath(os.path.join(output_dir, LOCK_NAME))
+    if path in _HELD_LOCKS:  # this process's earlier run into the folder (in-process callers) is over
+        _HELD_LOCKS.pop(path).close()
+    handle = open(path, "a+")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UsageError(
+            f"another training run is writing to {output_dir}; wait for it to end or choose another --output_dir"
+        ) from None
+    _HELD_LOCKS[path] = handle
+
+
+def take_output_dir(args, identity: dict[str, str]) -> None:
+    """The first writes, on the main process, once everything has been checked: the folder,
+    locked for this run; another run's files removed with --overwrite_output_dir; run.json."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    lock_output_dir(args.output_dir)
+    record = read_run_record(args.output_dir)
+    if args.overwrite_output_dir:
+        for name in run_files(args):
+            path = os.path.join(args.output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif record.get("run_id", identity["run_id"]) != identity["run_id"]:  # a run started here meanwhile
+        raise UsageError(
+            f"another run ({record.get('placeholder_token')}) wrote to {args.output_dir} while this one loaded; "
+            "choose another --output_dir or pass --overwrite_output_dir"
+        )
+    with writing(RUN_RECORD_NAME, args.output_dir):
+        write_json(os.path.join(args.output_dir, RUN_RECORD_NAME), identity)
+
+
+def on_main_process(accelerator: Accelerator, work):
+    """`work()` on the main process; every process gets its result, and its one-line error stops
+    every process (the others would otherwise wait for the main one forever)."""
+    shared = [None, None]  # result, error
+    if accelerator.is_main_process:
+        try:
+            shared[0] = work()
+        except BAD_INPUT as e:
+            shared[1] = str(e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(shared)
+    if shared[1] is not None:
+        raise UsageError(shared[1])
+    return shared[0]
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def saved_state(output_dir: str) -> str:
+    """What a stopped run leaves in `output_dir`, and how to go on from it."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        return "no checkpoint was written yet: --resume_from_checkpoint latest starts the run again with its seed"
+    return f"the last complete checkpoint is {checkpoint}: continue with --resume_from_checkpoint latest"
+
+
+@contextlib.contextmanager
+def writing(what: str, output_dir: str):
+    """A write that fails (a full disk, a lost mount) ends the run in one line; the atomic writes
+    have left every earlier file whole."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as e:
+        raise UsageError(f"could not write {what} ({first_line(e)}); {saved_state(output_dir)} once it is fixed") from e
+
+
+def data_fingerprint(raw_examples) -> str:
+    """A hash of the training images (their pixels) and captions, recorded by the run: a resume
+    with other data is refused."""
+    digest = hashlib.sha256()
+    for name, image, caption in raw_examples:
+        digest.update(json.dumps([name, caption, image.size]).encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def create_hub_repo(args) -> str:
+    """The hub repo for --push_to_hub, created before any model loads: a bad token or no network
+    fails in seconds, not after the training."""
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as e:  # network, authentication, naming: whatever the hub client raises
+        raise UsageError(
+            f"--push_to_hub: could not create the hub repo {name} ({first_line(e)}); check the network "
+            "and --hub_token, or train without --push_to_hub"
+        ) from e
+
+
+def embedding_metadata(args, pipe, num_vectors: int) -> dict:
+    """What an embedding file records besides its vectors: the concept's recipe, and the model and
+    tokenizer it was learned on (a local model by its name and fingerprint, never its path)."""
+    preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
+    text_encoder = resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
+    return {
         "initializer_token": args.initializer_token,
-        "num_vectors": len(concept.tokens),
+        "num_vectors": num_vectors,
         "hold_norm": args.hold_norm,
         "learnable_property": args.learnable_property,
-        "base_model": args.pretrained_model_name_or_path,
+        "base_model": shareable_name(args.pretrained_model_name_or_path),
+        "base_model_fingerprint": pipe.fingerprint(),
         "model_type": effective_model_type(args.pretrained_model_name_or_path, args.model_type),
-        "text_encoder": resolve_text_encoder(
-            args.pretrained_model_name_or_path,
-            args.text_encoder_name_or_path,
-            resolve_preset(args.pretrained_model_name_or_path, args.model_type),
-        ),
+        "text_encoder": shareable_name(text_encoder),
         "tokenizer": {
-            "class": type(tokenizer).__name__,
+            "class": type(pipe.tokenizer).__name__,
             "legacy": True,
-            "model_max_length": tokenizer.model_max_length,
+            "model_max_length": pipe.tokenizer.model_max_length,
             "added_token": "lstrip=False rstrip=False normalized=False special=False",
         },
         "pn": args.pn,
-        "step": step,
     }
+
+
+def save_embedding(path: str, args, concept: ConceptTokens, learned: LearnedVectors, metadata: dict, step: int) -> None:
+    """The learned vectors as learned_embeds.safetensors, with what inference needs to use them
+    (`metadata`: the model and tokenizer, see `embedding_metadata`). Non-finite vectors are never
+    written: the last good file stays."""
     vectors = learned.vectors.detach().float().cpu()
-    save_learned_embeds(
-        path,
-        LearnedConcept(
-            args.placeholder_token, concept.tokens, vectors, metadata, mode=args.ti_mode, t5_input=concept.t5_input
-        ),
+    if not torch.isfinite(vectors).all():
+        raise UsageError(f"the vectors of step {step} are not finite; {path} keeps the last good ones")
+    concept_file = LearnedConcept(
+        args.placeholder_token,
+        concept.tokens,
+        vectors,
+        metadata | {"step": step},
+        mode=args.ti_mode,
+        t5_input=concept.t5_input,
     )
+    with writing(path, args.output_dir):
+        save_learned_embeds(path, concept_file)
 
 
 def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor, scores: dict) -> None:
@@ -817,11 +1038,8 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
         instance_prompt=args.placeholder_token,
     )
     model_type = effective_model_type(base, args.model_type)
-    base_link = (
-        f"[{base}](https://huggingface.co/{base})"
-        if on_hub
-        else f"the local model `{os.path.basename(os.path.normpath(base))}`"
-    )
+    base_link = f"[{base}](https://huggingface.co/{base})" if on_hub else f"the local model `{shareable_name(base)}`"
+    base_flag = base if on_hub else f"path/to/{shareable_name(base)}"
     type_flag = "" if model_type == "custom" else f" --model_type {model_type}"
     placeholder = args.placeholder_token
     where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
@@ -829,7 +1047,8 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
     if scores:  # mean cosine similarities, --validation_similarity_model
         prompt_score = f", to their prompt {scores['prompt_to_image']:.3f}" if "prompt_to_image" in scores else ""
         grid += (
-            f"\nConcept scores at step {scores['step']} ({args.validation_similarity_model}): validation images "
+            f"\nConcept scores at step {scores['step']} ({shareable_name(args.validation_similarity_model)}): "
+            "validation images "
             f"to the training images {scores['image_to_training']:.3f}{prompt_score}.\n"
         )
     content = f"""---
@@ -845,7 +1064,7 @@ write **{placeholder}** in a prompt to get the concept ({args.learnable_property
 ## Use
 
 ```bash
-python infer_textual_inversion.py --pretrained_model_name_or_path {base} \\
+python infer_textual_inversion.py --pretrained_model_name_or_path {base_flag} \\
    {type_flag} --learned_embeds {repo_id} \\
     --prompt "a photo of a {placeholder} on the beach" --num_images 4 --seed 0
 ```
@@ -860,10 +1079,16 @@ trigger token and the kind of concept. Made with infinity-textual-inversion's
         ModelCard(content).save(tmp)
 
 
-def prune_checkpoints(output_dir: str, keep: int) -> None:
-    """Removes the oldest checkpoints so that `keep` remain."""
+def prune_checkpoints(output_dir: str, keep: int, run_id: str) -> None:
+    """Removes this run's oldest checkpoints so that `keep` remain (never another run's)."""
     checkpoints = sorted(
-        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()),
+        (
+            d
+            for d in os.listdir(output_dir)
+            if d.startswith("checkpoint-")
+            and d.split("-")[1].isdigit()
+            and checkpoint_run(os.path.join(output_dir, d), check=False).get("run_id", run_id) == run_id
+        ),
         key=lambda d: int(d.split("-")[1]),
     )
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
@@ -887,9 +1112,18 @@ def resolve_resume(args) -> str | None:
     )
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_checkpoint(path: str, num_processes: int) -> None:
     """Refuses, in one line and before any model loads, a checkpoint that cannot resume exactly:
-    a missing, empty or truncated file (accelerate would skip broken random states silently)."""
+    a missing, empty, truncated or changed file (accelerate would skip broken random states
+    silently), or one without its run record."""
     names = [
         "model.safetensors",
         "optimizer.bin",
@@ -913,27 +1147,55 @@ def check_checkpoint(path: str, num_processes: int) -> None:
             raise UsageError(
                 f"checkpoint {path}: {name} is truncated or damaged; resume from another checkpoint or start a new run"
             )
+    saved = checkpoint_run(path)
+    for key, digest in saved.items():
+        if key.startswith("sha256:") and file_sha256(os.path.join(path, key[len("sha256:") :])) != digest:
+            raise UsageError(
+                f"checkpoint {path}: {key[len('sha256:') :]} has changed since it was written; resume from another "
+                "checkpoint or start a new run"
+            )
 
 
-def recipe_of(args) -> dict[str, str]:
-    return {name: str(getattr(args, name)) for name in RECIPE_FLAGS}
+def run_identity(args, data: str, accelerator: Accelerator) -> dict[str, str]:
+    """What the run is, as recorded in run.json and every checkpoint: RECIPE_FLAGS as given
+    (--scale_lr rescales the learning rate later), the data's fingerprint, the processes and the
+    precision (the seed and the run id are added once known)."""
+    identity = {name: str(getattr(args, name)) for name in RECIPE_FLAGS}
+    return identity | {
+        "data": data,
+        "num_processes": str(accelerator.num_processes),
+        "mixed_precision": accelerator.mixed_precision,
+    }
 
 
-def checkpoint_run(path: str) -> dict[str, str]:
-    """The seed and recipe a checkpoint was written with (save_checkpoint's `run`)."""
-    with safe_open(os.path.join(path, STEP_RNG_NAME), "pt") as f:
-        return f.metadata()
-
-
-def check_recipe(path: str, saved: dict[str, str], recipe: dict[str, str]) -> None:
-    """Refuses to resume a checkpoint with other RECIPE_FLAGS than it was made with (`saved`;
-    checkpoints older than this record are taken as they are)."""
-    changed = [name for name in RECIPE_FLAGS if name in saved and saved[name] != recipe[name]]
-    if changed:
-        made_with, this_run = (" ".join(f"--{name} {values[name]}" for name in changed) for values in (saved, recipe))
+def checkpoint_run(path: str, check: bool = True) -> dict[str, str]:
+    """The run record a checkpoint was written with (save_checkpoint's `run`); with `check`, a
+    checkpoint without one is refused."""
+    try:
+        with safe_open(os.path.join(path, STEP_RNG_NAME), "pt") as f:
+            saved = f.metadata() or {}
+    except (SafetensorError, OSError):
+        saved = {}
+    if check and "seed" not in saved:
         raise UsageError(
-            f"checkpoint {path} was made with {made_with}, this run has {this_run}; pass the checkpoint's values to "
-            "resume it, or start a new run"
+            f"checkpoint {path}: {STEP_RNG_NAME} has no run record; resume from another checkpoint or start a new run"
+        )
+    return saved
+
+
+def check_recipe(where: str, saved: dict[str, str], identity: dict[str, str]) -> None:
+    """Refuses to resume a run (`saved`: its checkpoint's or run.json's record) with another
+    identity: other RECIPE_FLAGS, data, seed, process count or precision (records older than a
+    key are taken as they are)."""
+    changed = [k for k in identity if k in saved and k != "run_id" and saved[k] != identity[k]]
+    if changed:
+
+        def named(values: dict) -> str:
+            return " ".join(f"training data {values[k]}" if k == "data" else f"--{k} {values[k]}" for k in changed)
+
+        raise UsageError(
+            f"{where} was made with {named(saved)}, this run has {named(identity)}; pass the run's values to "
+            "resume it, or start a new run (another --output_dir, or --overwrite_output_dir)"
         )
 
 
@@ -944,51 +1206,71 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, max(done, key=lambda d: int(d.split("-")[1]))) if done else None
 
 
+def checkpoint_step(path: str, saved: dict[str, str]) -> int:
+    """The step a checkpoint was saved at: its record's, else its folder's name (checkpoint-N)."""
+    if "step" in saved:
+        return int(saved["step"])
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("checkpoint-") and name.split("-", 1)[1].isdigit():
+        return int(name.split("-", 1)[1])
+    raise UsageError(f"checkpoint {path} does not record its step; rename it checkpoint-N after the step it holds")
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str, step: int, step_rng: torch.Generator, run: dict[str, str]
 ) -> None:
     """accelerate's state (vectors, optimizer, schedule, RNGs) plus the per-step generator of
-    every process, with `run` (the seed and the recipe) as its metadata, written to a temporary
-    folder and renamed when complete."""
+    every process, with `run` (the run's identity and validation state), the step and each file's
+    checksum as its metadata, written to a temporary folder and renamed when complete."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     states = accelerator.gather(step_rng.get_state().to(accelerator.device).unsqueeze(0)).cpu()
-    accelerator.save_state(tmp)
+    with writing(final, output_dir):
+        accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
-        save_file(
-            {f"process_{i}": s for i, s in enumerate(states)},
-            os.path.join(tmp, STEP_RNG_NAME),
-            metadata=run,
-        )
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with writing(final, output_dir):
+            sums = {f"sha256:{name}": file_sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+            save_file(
+                {f"process_{i}": s for i, s in enumerate(states)},
+                os.path.join(tmp, STEP_RNG_NAME),
+                metadata=run | {"step": str(step)} | sums,
+            )
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
         logger.info(f"saved state to {final}")
     accelerator.wait_for_everyone()
 
 
-def save_final_files(args, concept, learned: LearnedVectors, tokenizer, step: int, validation, repo_id) -> None:
+def save_final_files(args, concept, learned: LearnedVectors, metadata: dict, step: int, validation, repo_id) -> None:
     """The embedding, the token and kind files and the model card; then the hub, if asked."""
-    save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), args, concept, learned, tokenizer, step)
-    write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
-    write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
-    save_model_card(
-        args,
-        repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-        validation.last_grid,
-        learned.vectors,
-        validation.last_scores,
-    )
-    if args.push_to_hub:
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=args.output_dir,
-            commit_message=f"Textual inversion {args.placeholder_token}, step {step}",
-            allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"]
-            + ([validation.last_grid] if validation.last_grid else []),
-            token=args.hub_token,
+    save_embedding(os.path.join(args.output_dir, LEARNED_EMBEDS_NAME), args, concept, learned, metadata, step)
+    with writing("the concept files and card", args.output_dir):
+        write_text(os.path.join(args.output_dir, "token_identifier.txt"), args.placeholder_token)
+        write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
+        save_model_card(
+            args,
+            repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            validation.last_grid,
+            learned.vectors,
+            validation.last_scores,
         )
+    if args.push_to_hub:
+        try:
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message=f"Textual inversion {args.placeholder_token}, step {step}",
+                allow_patterns=[LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"]
+                + ([validation.last_grid] if validation.last_grid else []),
+                token=args.hub_token,
+            )
+        except Exception as e:  # whatever the hub client raises: the run itself is complete
+            raise UsageError(
+                f"training finished and {args.output_dir} holds every file, but the upload to {repo_id} failed "
+                f"({first_line(e)}); upload the folder later (huggingface-cli upload)"
+            ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1009,6 +1291,14 @@ class Validation:
             self.similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
             self.similarity.set_reference([e.image for e in examples])
         self.last_grid, self.last_scores = None, {}  # for the model card
+
+    def state(self) -> dict[str, str]:
+        """What a checkpoint keeps of the validation, so that a resumed run's card shows it."""
+        return {"last_grid": self.last_grid or "", "last_scores": json.dumps(self.last_scores)}
+
+    def restore(self, saved: dict[str, str]) -> None:
+        self.last_grid = saved.get("last_grid") or None
+        self.last_scores = json.loads(saved.get("last_scores", "{}"))
 
     def __call__(self, step: int, vectors: torch.Tensor) -> None:
         if not self.enabled:
@@ -1045,7 +1335,8 @@ class Validation:
         )
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         self.last_grid = os.path.join("validation", f"step-{step:06d}.png")
-        save_image(grid, os.path.join(args.output_dir, self.last_grid))
+        with writing(self.last_grid, args.output_dir):
+            save_image(grid, os.path.join(args.output_dir, self.last_grid))
         self.log_grid(grid, step)
 
     def log_grid(self, grid: Image.Image, step: int) -> None:
@@ -1066,19 +1357,17 @@ class Validation:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_inputs(args) -> list[tuple[str, Image.Image, str | None]]:
+def check_inputs(args) -> tuple[list[tuple[str, Image.Image, str | None]], str]:
     """The data, the output folder and the similarity model, checked before anything is loaded or
-    written; returns the training images."""
+    written; returns the training images and their fingerprint."""
     raw_examples = read_examples(args)
-    problem = unwritable_reason(args.output_dir)
-    if problem:
-        raise UsageError(f"--output_dir: {problem}; choose another folder")
+    check_output_dir(args)
     if args.validation_similarity_model:  # on every process, so that none goes on alone
         try:
             check_similarity_model(args.validation_similarity_model)
         except ValueError as e:
             raise UsageError(str(e)) from e
-    return raw_examples
+    return raw_examples, data_fingerprint(raw_examples)
 
 
 def make_accelerator(args) -> Accelerator:
@@ -1110,21 +1399,52 @@ def make_accelerator(args) -> Accelerator:
     return accelerator
 
 
-def checkpoint_and_seed(args, accelerator: Accelerator, recipe: dict[str, str]) -> str | None:
-    """The checkpoint to resume (checked, and made with this recipe) and the run's seed: --seed,
-    else the checkpoint's, else a new one. Returns the checkpoint's folder or None."""
+@dataclass
+class RunStart:
+    identity: dict[str, str]  # run_identity, the seed and the run id: run.json and every checkpoint
+    resume_path: str | None  # the checkpoint to resume
+    saved: dict[str, str]  # its record (or run.json's, for a run stopped before its first checkpoint)
+
+
+def start_or_resume_run(args, accelerator: Accelerator, data: str) -> RunStart:
+    """A new run, or the one in --output_dir to resume: its checkpoint checked and its identity
+    matched (flags, data, seed, processes, precision). The seed is --seed, else the run's, else a
+    new one drawn on the main process for every process."""
+    identity = run_identity(args, data, accelerator)
     resume_path = resolve_resume(args)
+    saved = {}
     if resume_path is not None:
         check_checkpoint(resume_path, accelerator.num_processes)
-        saved_run = checkpoint_run(resume_path)
-        check_recipe(resume_path, saved_run, recipe)
-        if args.seed is None:  # the batch order depends on the seed
-            args.seed = int(saved_run["seed"])
-            logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
+        saved = checkpoint_run(resume_path)
+    elif args.resume_from_checkpoint:  # no checkpoint yet: the run's own record, if it started
+        saved = read_run_record(args.output_dir)
+    if args.seed is not None:
+        identity["seed"] = str(args.seed)
+    check_recipe(f"checkpoint {resume_path}" if resume_path else f"the run in {args.output_dir}", saved, identity)
+    if "seed" in saved and args.seed is None:  # the batch order depends on the seed
+        args.seed = int(saved["seed"])
+        logger.info(f"no --seed given; resuming with the run's seed {args.seed}")
+    fresh = [int(torch.randint(0, 2**31 - 1, ()).item()), uuid.uuid4().hex[:12]]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(fresh)  # one seed and one id for every process
     if args.seed is None:
-        args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        args.seed = fresh[0]
         logger.info(f"no --seed given; using {args.seed}")
-    return resume_path
+    identity |= {"seed": str(args.seed), "run_id": saved.get("run_id", fresh[1])}
+    return RunStart(identity, resume_path, saved)
+
+
+def check_captions_fit(args, captions: list[str], tokenizer, concept: ConceptTokens, text_maxlen: int) -> None:
+    """Every caption, template and validation prompt, with the placeholder's tokens, fits what
+    T5 and Infinity read: a longer one would lose its end, the placeholder maybe with it."""
+    limit = min(T5_MAX_LENGTH, text_maxlen)
+    for caption in captions:
+        length = int(tokenize(tokenizer, [concept.expand(caption)], max_length=10**6)[1].sum())
+        if length > limit:
+            raise UsageError(
+                f"{caption[:60]!r}... is {length} tokens with the placeholder's {len(concept.tokens)}, more than the "
+                f"{limit} Infinity reads; shorten it (or use fewer --num_vectors)"
+            )
 
 
 def make_optimizer(args, learned: LearnedVectors, num_batches: int, num_processes: int):
@@ -1154,26 +1474,6 @@ def make_optimizer(args, learned: LearnedVectors, num_batches: int, num_processe
     return optimizer, lr_scheduler, steps_per_epoch
 
 
-def start_hub_and_trackers(args, accelerator: Accelerator) -> str | None:
-    """The first writes (everything has been checked): the output folder, the hub repo and the
-    trackers. Returns the hub repo id with --push_to_hub."""
-    repo_id = None
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if args.push_to_hub:
-            repo_id = create_repo(
-                repo_id=args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-        # never the token: trackers write their config to disk and to their servers
-        tracker_config = {
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
-        }
-        accelerator.init_trackers("textual_inversion_infinity", config=tracker_config)
-    return repo_id
-
-
 def resume_training_state(
     args, accelerator: Accelerator, learned, resume_path: str | None, step_rng: torch.Generator, steps_per_epoch: int
 ) -> tuple[int, int, int]:
@@ -1181,7 +1481,7 @@ def resume_training_state(
     was saved at, the epoch to go on with and the batches of that epoch already done."""
     if resume_path is None:
         if args.resume_from_checkpoint:
-            accelerator.print("No checkpoint found; starting a new training run.")
+            accelerator.print("No checkpoint found; starting the run from step 0.")
         return 0, 0, 0
     accelerator.print(f"Resuming from {resume_path}")
     saved = {k: tuple(v.shape) for k, v in load_file(os.path.join(resume_path, "model.safetensors")).items()}
@@ -1191,9 +1491,19 @@ def resume_training_state(
             f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another "
             "--num_vectors, --ti_mode or --hold_norm"
         )
-    accelerator.load_state(resume_path)
+    try:
+        accelerator.load_state(resume_path)
+    except Exception as e:  # a file that passed the checks but is not what accelerate wrote
+        raise UsageError(
+            f"checkpoint {resume_path} cannot be loaded ({type(e).__name__}); resume from another checkpoint"
+        ) from e
+    if not torch.isfinite(accelerator.unwrap_model(learned).weight).all():
+        raise UsageError(
+            f"checkpoint {resume_path} holds non-finite vectors (the run diverged before it); resume from an "
+            "earlier checkpoint"
+        )
     step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
-    global_step = int(os.path.basename(os.path.normpath(resume_path)).split("-")[1])
+    global_step = checkpoint_step(resume_path, checkpoint_run(resume_path))
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     return global_step, first_epoch, steps_into_epoch * args.gradient_accumulation_steps
 
@@ -1237,32 +1547,47 @@ def training_loss(
     return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
 
 
-def loss_is_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
     """Decided together: a NaN on any process stops every process."""
-    return accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item() > 0
+    return accelerator.gather(torch.isfinite(value.detach()).all().float().reshape(1)).min().item() > 0
 
 
-def save_progress(args, accelerator, concept, learned, tokenizer, step: int, step_rng, recipe) -> None:
+def stop_non_finite(
+    args, accelerator, concept, learned: LearnedVectors, metadata, last_good, last_good_step, what, step
+):
+    """Ends the run when the loss or the vectors turn non-finite: the main process puts back and
+    saves the vectors that last gave a finite loss."""
+    if accelerator.is_main_process:
+        learned.weight.data.copy_(last_good)
+        path = os.path.join(args.output_dir, LEARNED_EMBEDS_NAME)
+        save_embedding(path, args, concept, learned, metadata, last_good_step)
+    raise UsageError(
+        f"the {what} became non-finite at step {step}; the last good embedding (step {last_good_step}) is in "
+        f"{args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)"
+    )
+
+
+def save_progress(args, accelerator, concept, learned, metadata, step: int, step_rng, run: dict[str, str]) -> None:
     """The embedding every --save_steps and a resumable checkpoint every --checkpointing_steps
-    (the oldest pruned once the new one is complete)."""
+    (this run's oldest pruned once the new one is complete)."""
     if accelerator.is_main_process and step % args.save_steps == 0:
         path = os.path.join(args.output_dir, f"learned_embeds-steps-{step}.safetensors")
-        save_embedding(path, args, concept, accelerator.unwrap_model(learned), tokenizer, step)
+        save_embedding(path, args, concept, accelerator.unwrap_model(learned), metadata, step)
     if step % args.checkpointing_steps == 0:
-        save_checkpoint(accelerator, args.output_dir, step, step_rng, {"seed": str(args.seed)} | recipe)
+        save_checkpoint(accelerator, args.output_dir, step, step_rng, run)
         if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-            prune_checkpoints(args.output_dir, args.checkpoints_total_limit)
+            prune_checkpoints(args.output_dir, args.checkpoints_total_limit, run["run_id"])
 
 
 def main(args):
     # 1. Check the data and where the results go, before anything is loaded or written.
-    recipe = recipe_of(args)  # as given: --scale_lr rescales the learning rate below
-    raw_examples = check_inputs(args)
+    raw_examples, data = check_inputs(args)
 
-    # 2. Accelerator, logging, the checkpoint to resume and the seed.
+    # 2. Accelerator and logging; the run (new, or the one to resume) and its seed; the hub repo.
     accelerator = make_accelerator(args)
-    resume_path = checkpoint_and_seed(args, accelerator, recipe)
+    run = start_or_resume_run(args, accelerator, data)
     set_seed(args.seed)
+    repo_id = on_main_process(accelerator, lambda: create_hub_repo(args)) if args.push_to_hub else None
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
@@ -1277,11 +1602,11 @@ def main(args):
         revision=args.revision,
         text_encoder_dtype=TEXT_ENCODER_DTYPES.get(args.text_encoder_dtype),
     )
-    tokenizer = pipe.tokenizer
 
     # 4. The placeholder's tokens and their trainable vectors (float32, outside the frozen model).
-    concept = add_concept_tokens(args, tokenizer, pipe.text_encoder)
+    concept = add_concept_tokens(args, pipe.tokenizer, pipe.text_encoder)
     learned = LearnedVectors(concept.token_ids, concept.start, hold_norm=args.hold_norm).to(accelerator.device)
+    metadata = embedding_metadata(args, pipe, len(concept.tokens))
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
     #    learned vectors are kept. T5 is not checkpointed: HF checkpoints only in train mode, where
@@ -1289,7 +1614,10 @@ def main(args):
     if args.gradient_checkpointing:
         pipe.transformer.gradient_checkpointing = True
 
-    # 6. Data.
+    # 6. Data, once every caption is known to fit.
+    captions = [c for _, _, c in raw_examples if c is not None] + (args.validation_prompt or [])
+    captions += [t.format(args.placeholder_token) for t in TEMPLATES[args.learnable_property]]
+    check_captions_fit(args, captions, pipe.tokenizer, concept, pipe.transformer.config.text_maxlen)
     data = prepare_training_data(args, raw_examples, pipe, concept, accelerator)
 
     # 7. Optimizer and schedule.
@@ -1302,12 +1630,16 @@ def main(args):
     # process, saved with each checkpoint
     step_rng = torch.Generator().manual_seed(args.seed + accelerator.process_index)
 
-    # 8. Hub repo and trackers (the first writes: everything above has been checked).
-    repo_id = start_hub_and_trackers(args, accelerator)
+    # 8. The first writes (everything above has been checked): the folder, locked for this run, and trackers.
+    on_main_process(accelerator, lambda: take_output_dir(args, run.identity))
+    if accelerator.is_main_process:
+        # never the token: trackers write their config to disk and to their servers
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+        accelerator.init_trackers("textual_inversion_infinity", config=config)
 
     # 9. Resume.
     global_step, first_epoch, skip_batches = resume_training_state(
-        args, accelerator, learned, resume_path, step_rng, steps_per_epoch
+        args, accelerator, learned, run.resume_path, step_rng, steps_per_epoch
     )
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running textual inversion *****")
@@ -1319,48 +1651,47 @@ def main(args):
         f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}"
     )
     validation = Validation(args, pipe, concept, data.examples, accelerator)
+    validation.restore(run.saved)
     if global_step == 0:
         validation(0, accelerator.unwrap_model(learned).vectors)
-    # the vectors that last gave a finite loss, saved if the loss turns NaN
+    # the vectors that last gave a finite loss, saved if the loss or the vectors turn NaN
     last_good, last_good_step = accelerator.unwrap_model(learned).weight.detach().clone(), global_step
 
-    # 10. The loop.
+    # 10. The loop. An optimisation step takes --gradient_accumulation_steps batches, or the rest of
+    #     the epoch: every epoch starts a step, so that a step never mixes two epochs.
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    accumulation = args.gradient_accumulation_steps
     for epoch in range(first_epoch, args.num_train_epochs):
         data.batch_sampler.use_epoch(epoch)
-        batches = data.dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(data.dataloader, skip_batches)
-        for indices in batches:
+        num_batches, skip = len(data.dataloader), skip_batches if epoch == first_epoch else 0
+        batches = accelerator.skip_first_batches(data.dataloader, skip) if skip else data.dataloader
+        for k, indices in enumerate(batches, skip):
             if global_step >= args.max_train_steps:  # a resumed run that had already finished
                 break
-            with accelerator.accumulate(learned):
+            group_start = k - k % accumulation
+            group_end = min(group_start + accumulation, num_batches)
+            sync = k + 1 == group_end
+            with contextlib.nullcontext() if sync else accelerator.no_sync(learned):
                 loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, step_rng)
-                if not loss_is_finite(accelerator, loss):
-                    if accelerator.is_main_process:
-                        accelerator.unwrap_model(learned).weight.data.copy_(last_good)
-                        path = os.path.join(args.output_dir, LEARNED_EMBEDS_NAME)
-                        save_embedding(
-                            path, args, concept, accelerator.unwrap_model(learned), tokenizer, last_good_step
-                        )
-                    raise UsageError(
-                        f"the loss became non-finite at step {global_step}; the last good embedding is in "
-                        f"{args.output_dir}/{LEARNED_EMBEDS_NAME} (lower --learning_rate)"
-                    )
+                if not all_finite(accelerator, loss):
+                    stop_non_finite(args, accelerator, concept, accelerator.unwrap_model(learned), metadata,
+                                    last_good, last_good_step, "loss", global_step)  # fmt: skip
                 last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
                 last_good_step = global_step
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
-                optimizer.step()
-                accelerator.unwrap_model(learned).project_()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            if not accelerator.sync_gradients:
+                accelerator.backward(loss / (group_end - group_start))
+            if not sync:
                 continue
+            accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
+            optimizer.step()
+            accelerator.unwrap_model(learned).project_()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not all_finite(accelerator, accelerator.unwrap_model(learned).weight):
+                stop_non_finite(args, accelerator, concept, accelerator.unwrap_model(learned), metadata,
+                                last_good, last_good_step, "vectors", global_step + 1)  # fmt: skip
+
             global_step += 1
             progress_bar.update(1)
             logs = {
@@ -1371,9 +1702,10 @@ def main(args):
             }
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            save_progress(args, accelerator, concept, learned, tokenizer, global_step, step_rng, recipe)
-            if global_step % args.validation_steps == 0:
+            if global_step % args.validation_steps == 0:  # before the checkpoint, which records it
                 validation(global_step, accelerator.unwrap_model(learned).vectors)
+            save_progress(args, accelerator, concept, learned, metadata, global_step, step_rng,
+                          run.identity | validation.state())  # fmt: skip
             if global_step >= args.max_train_steps:
                 break
         if global_step >= args.max_train_steps:
@@ -1382,12 +1714,23 @@ def main(args):
     # 11. Final files, then the hub.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final_files(args, concept, accelerator.unwrap_model(learned), tokenizer, global_step, validation, repo_id)
+        save_final_files(args, concept, accelerator.unwrap_model(learned), metadata, global_step, validation, repo_id)
     accelerator.end_training()
+    for handle in _HELD_LOCKS.values():
+        handle.close()  # closing the file releases its lock
+    _HELD_LOCKS.clear()
+
+
+def cli(argv=None) -> None:
+    """The command line: bad input, a failed write and Ctrl-C end in one line on stderr (exit 1)."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except BAD_INPUT as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"error: interrupted; {saved_state(args.output_dir)}")
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except BAD_INPUT as e:
-        sys.exit(f"error: {e}")  # one line on stderr, exit status 1
+    cli()
