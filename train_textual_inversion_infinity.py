@@ -1715,6 +1715,8 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final_files(args, concept, accelerator.unwrap_model(learned), metadata, global_step, validation, repo_id)
+    if accelerator.device.type == "cuda":  # what the card this ran on needed (validation included)
+        logger.info(f"peak GPU memory: {torch.cuda.max_memory_allocated(accelerator.device) / 2**30:.2f} GiB")
     accelerator.end_training()
     for handle in _HELD_LOCKS.values():
         handle.close()  # closing the file releases its lock
