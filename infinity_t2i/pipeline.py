@@ -3,15 +3,24 @@
 pipe = InfinityPipeline.from_pretrained("FoundationVision/Infinity", model_type="infinity_2b",
                                         torch_dtype=torch.bfloat16, device="cuda")
 images = pipe("a photo of a dog on the beach", seed=0).images
+
+Textual inversion as in diffusers: the pipeline remembers the concepts it loads and expands their
+placeholders in every prompt it encodes (`<tok>:0.8` weights one for that prompt):
+
+pipe.load_textual_inversion("user/my-dog-ti")       # a file, a folder with learned_embeds.safetensors, a hub id
+images = pipe("a photo of a <my-dog> on the beach", seed=0).images
+pipe.unload_textual_inversion()                     # the base model again, bit for bit
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from PIL import Image
@@ -29,8 +38,24 @@ from .loading import (
 from .resolution import ScaleSchedule, get_schedule
 from .sampling import Generators, SamplingSettings, sample
 from .text import T5_MAX_LENGTH, TextCondition, encode_prompt
+from .textual_inversion import (
+    ConceptError,
+    ConceptMismatch,
+    LearnedConcept,
+    Placeholders,
+    apply_concepts,
+    check_weight,
+    concept_mismatches,
+    load_learned_embeds,
+    placeholder_tokens,
+    put_concept,
+    remove_output_rows,
+    scaled_vectors,
+)
 from .transformer import InfinityTransformer
 from .vae import BSQVAE
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_preset(pretrained_model_name_or_path: str, model_type: str) -> ModelPreset:
@@ -144,9 +169,36 @@ class InfinityPipelineOutput:
     bits: list[torch.Tensor] | None = None  # per scale (B, h, w, d) on the VAE grid, with return_bits
 
 
+@dataclass
+class LoadedConcept:
+    """A concept `load_textual_inversion` put in place: its token ids and its default weight."""
+
+    concept: LearnedConcept
+    token_ids: list[int]
+    weight: float = 1.0
+
+
+@dataclass
+class _BaseText:
+    """What loading concepts changes, as the base model had it: the tokenizer, the embedding
+    matrix's size and its spare rows (where new tokens go)."""
+
+    tokenizer: object
+    num_rows: int
+    first_spare: int
+    spare_rows: torch.Tensor
+    requires_grad: bool
+
+
 class InfinityPipeline:
     def __init__(self, transformer: InfinityTransformer, vae: BSQVAE, tokenizer, text_encoder):
         self.transformer, self.vae, self.tokenizer, self.text_encoder = transformer, vae, tokenizer, text_encoder
+        self.learned_concepts: dict[str, LoadedConcept] = {}  # placeholder -> concept (load_textual_inversion)
+        self._base_text: _BaseText | None = None
+        # what from_pretrained loaded, compared with an embedding's metadata (None: not known)
+        self.name_or_path: str | None = None
+        self.model_type: str | None = None
+        self.text_encoder_name_or_path: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -172,7 +224,11 @@ class InfinityPipeline:
         tokenizer, text_encoder = load_text_encoder(
             text_encoder_path, text_encoder_dtype or default_text_encoder_dtype(device), device, None
         )
-        return cls(transformer, vae, tokenizer, text_encoder)
+        pipe = cls(transformer, vae, tokenizer, text_encoder)
+        pipe.name_or_path = pretrained_model_name_or_path
+        pipe.model_type = effective_model_type(pretrained_model_name_or_path, model_type)
+        pipe.text_encoder_name_or_path = text_encoder_path
+        return pipe
 
     def save_pretrained(self, directory: str) -> None:
         """Writes a folder `from_pretrained` reads: weights as safetensors, the architecture in
@@ -217,9 +273,134 @@ class InfinityPipeline:
     def schedule(self, h_div_w: float = 1.0, pn: str = "1M") -> ScaleSchedule:
         return get_schedule(h_div_w, pn)
 
+    # -----------------------------------------------------------------------------------------
+    # Textual inversion
+    # -----------------------------------------------------------------------------------------
+
+    def load_textual_inversion(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | LearnedConcept | Sequence[LearnedConcept],
+        token: str | None = None,
+        weight: float = 1.0,
+        revision: str | None = None,
+        force: bool = False,
+    ) -> list[str]:
+        """Loads learned concepts: a `.safetensors` (or diffusers' / A1111's) file, a folder
+        holding learned_embeds.safetensors, a hub repo id (at `revision`), or `LearnedConcept`s
+        already read. `token` renames the placeholder. `weight` (-1 to 2) is the concept's weight
+        in prompts that give it none (`<tok>:0.8` gives one). From now on every prompt's
+        placeholders are expanded into all their tokens. Returns the placeholders loaded.
+
+        Refused (ConceptError, nothing changed): a token already loaded (unload it first), a word
+        the tokenizer knows, vectors of another width, and a file trained for another model (its
+        model_type, its base model's fingerprint, or its hub names), unless `force`."""
+        if isinstance(pretrained_model_name_or_path, LearnedConcept):
+            concepts = [pretrained_model_name_or_path]
+        elif isinstance(pretrained_model_name_or_path, (list, tuple)):
+            concepts = list(pretrained_model_name_or_path)
+        else:
+            concepts = load_learned_embeds(os.fspath(pretrained_model_name_or_path), token=token, revision=revision)
+            token = None  # renamed as read
+        if token is not None:
+            if len(concepts) != 1:
+                raise ConceptError(f"{len(concepts)} concepts; a single token cannot rename them all")
+            (concept,) = concepts
+            concepts = [replace(concept, placeholder=token, tokens=placeholder_tokens(token, len(concept.tokens)))]
+        weight = check_weight(weight)
+        fingerprint = self.fingerprint()
+        for concept in concepts:
+            problems = concept_mismatches(
+                concept, self.model_type, self.name_or_path, self.text_encoder_name_or_path, fingerprint
+            )
+            if problems:
+                where = f"{concept.source or concept.placeholder} ({concept.placeholder})"
+                what = f"{where} was trained for {'; '.join(problems)}"
+                if not force:
+                    raise ConceptMismatch(what, "load that model, or pass force=True to use the embedding anyway")
+                logger.warning(f"{what}; forced: using it anyway")
+        loaded = {t: c.concept.source or p for p, c in self.learned_concepts.items() for t in c.concept.tokens}
+        for concept in concepts:
+            for t in concept.tokens:
+                if t in loaded:
+                    raise ConceptError(
+                        f"{t!r} is already loaded (from {loaded[t]}); unload it first (unload_textual_inversion), "
+                        "or load this one under another name (token=...)"
+                    )
+        self._put_concepts(concepts, weight)
+        return [c.placeholder for c in concepts]
+
+    def _put_concepts(self, concepts: Sequence[LearnedConcept], weight: float) -> None:
+        if self._base_text is None:
+            embedding = self.text_encoder.get_input_embeddings()
+            first_spare = len(self.tokenizer)
+            self._base_text = _BaseText(
+                copy.deepcopy(self.tokenizer),
+                embedding.num_embeddings,
+                first_spare,
+                embedding.weight[first_spare:].detach().clone(),
+                embedding.weight.requires_grad,
+            )
+        ids = apply_concepts(self.tokenizer, self.text_encoder, concepts)  # checks all, then changes
+        for concept in concepts:
+            self.learned_concepts[concept.placeholder] = LoadedConcept(concept, ids[concept.placeholder], weight)
+            if weight != 1:
+                put_concept(self.text_encoder, concept, ids[concept.placeholder], weight)
+
+    def unload_textual_inversion(self, tokens: str | Sequence[str] | None = None) -> None:
+        """Unloads the concepts whose placeholders are given (default: all). Without concepts the
+        tokenizer, the embedding matrix and T5's outputs are the base model's again, bit for bit."""
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        if tokens is not None:
+            unknown = [t for t in tokens if t not in self.learned_concepts]
+            if unknown:
+                loaded = ", ".join(self.learned_concepts) or "none"
+                raise ConceptError(f"{', '.join(unknown)} not loaded (loaded: {loaded})")
+        keep = [c for p, c in self.learned_concepts.items() if tokens is not None and p not in tokens]
+        base = self._base_text
+        if base is None:
+            return
+        remove_output_rows(self.text_encoder)
+        if self.text_encoder.get_input_embeddings().num_embeddings != base.num_rows:
+            self.text_encoder.resize_token_embeddings(base.num_rows)
+        embedding = self.text_encoder.get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight[base.first_spare :] = base.spare_rows.to(embedding.weight)
+        embedding.weight.requires_grad_(base.requires_grad)
+        self.tokenizer = copy.deepcopy(base.tokenizer)
+        self.learned_concepts, self._base_text = {}, None
+        for loaded in keep:
+            self._put_concepts([loaded.concept], loaded.weight)
+
+    def parse_prompt(self, prompt: str) -> tuple[str, dict[str, float]]:
+        """What `encode_prompt` encodes for a prompt: its weights (`<tok>:0.8`) taken out and
+        checked, each loaded placeholder expanded into all its tokens; and the weights."""
+        if not self.learned_concepts:
+            return prompt, {}
+        placeholders = Placeholders({p: c.concept.tokens for p, c in self.learned_concepts.items()})
+        text, weights = placeholders.take_weights(prompt)
+        return placeholders.expand(text), weights
+
     def encode_prompt(self, prompts: Sequence[str]) -> TextCondition:
+        """T5 features of the prompts, with the loaded concepts' placeholders expanded and weighted."""
+        if not self.learned_concepts:
+            text = encode_prompt(self.tokenizer, self.text_encoder, prompts)
+        else:
+            parsed = [self.parse_prompt(p) for p in prompts]
+            groups = [parsed] if all(w == parsed[0][1] for _, w in parsed) else [[p] for p in parsed]
+            text = None
+            for group in groups:  # one T5 call per set of weights
+                condition = self._encode_weighted([t for t, _ in group], group[0][1])
+                text = condition if text is None else text.cat(condition)
         # T5 may live on another device than the transformer (training offloads it in output mode)
-        return encode_prompt(self.tokenizer, self.text_encoder, prompts).to(self.device)
+        return text.to(self.device)
+
+    def _encode_weighted(self, texts: list[str], weights: dict[str, float]) -> TextCondition:
+        concepts = {p: c.concept for p, c in self.learned_concepts.items()}
+        token_ids = {p: c.token_ids for p, c in self.learned_concepts.items()}
+        rest = {p: c.weight for p, c in self.learned_concepts.items()}
+        with scaled_vectors(self.text_encoder, concepts, token_ids, weights, rest):
+            return encode_prompt(self.tokenizer, self.text_encoder, texts)
 
     @torch.no_grad()
     def __call__(

@@ -13,15 +13,27 @@ matrix only ever grows. A concept lives in one of two places (`TI_MODES`):
   Generation installs them with `set_output_rows` (a forward hook on the encoder).
 
 During training the vectors live outside the frozen model as a float32 parameter
-(`LearnedVectors`); inference loads a file and `apply_concepts` puts each concept in its place.
+(`LearnedVectors`); inference loads a file and `apply_concepts` puts each concept in its place
+(`InfinityPipeline.load_textual_inversion` does that, remembers the concepts and undoes it all on
+`unload_textual_inversion`).
+
+Prompts name placeholders as the tokenizer finds its added tokens: leftmost first, and the longest
+placeholder at a position (`<pc>x` is never `<pc>` followed by "x" when both are loaded). A
+placeholder may carry a weight, `<my-dog>:0.8`: a number (`1`, `.5`, `-0.25`, `2e-1`) from
+WEIGHT_RANGE, -1 to 2 (1 = as learned; 0 = the initializer word in output mode, a zero vector in
+input mode; above 1 exaggerates, below 0 pushes away); anything else written right after `<tok>:`
+(`<tok>:abc`, `<tok>:1e3`, `<tok>:nan`) is refused, while `<tok>: text` and a full stop
+(`<tok>:2.`) stay text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +49,20 @@ FORMAT = "infinity-textual-inversion/1"
 LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"
 TI_MODES = ("input", "output")
 T5_INPUT_SUFFIX = ".t5_input"  # file key of an output-mode concept's fixed T5 input rows
+WEIGHT_RANGE = (-1.0, 2.0)  # of `<tok>:w` in a prompt and of load_textual_inversion(weight=...)
+FINGERPRINT_KEY = "base_model_fingerprint"  # metadata: InfinityPipeline.fingerprint() of the model trained on
 
 
 class ConceptError(ValueError):
     """A placeholder or initializer token that cannot be used, or an embedding that does not fit."""
+
+
+class ConceptMismatch(ConceptError):
+    """An embedding trained for another model; `what` says which and for what."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what = what
 
 
 # Caption templates when images come without captions; {} is the placeholder (all its tokens).
@@ -94,12 +116,99 @@ def replace_placeholder(text: str, placeholder: str, replacement: str) -> str:
     return placeholder_pattern(placeholder).sub(lambda _: replacement, text)  # a function: no escapes read
 
 
-def expand_placeholders(prompt: str, concepts: dict[str, list[str]]) -> str:
+WEIGHT_CHARS = r"[0-9A-Za-z_.+-]+"  # what follows `<tok>:` when a weight is meant
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+class Placeholders:
+    """Finds placeholders in prompts as the tokenizer finds added tokens: leftmost first, and at
+    one position the longest one (`<pc>x`, not `<pc>` and "x"); never the start of a concept's own
+    extra token (`<pc>_1`). `concepts`: {placeholder: its tokens}, or just the placeholders."""
+
+    def __init__(self, concepts: Sequence[str] | Mapping[str, Sequence[str]]):
+        if isinstance(concepts, Mapping):
+            self.tokens = {p: list(tokens) for p, tokens in concepts.items()}
+        else:
+            self.tokens = {p: [p] for p in concepts}
+        self.names = sorted(self.tokens, key=len, reverse=True)
+
+    def pattern(self, suffix: str = "", with_tokens: bool = False) -> re.Pattern:
+        """A placeholder (named group p0, p1, ...: `which` tells which), then `suffix`. With
+        `with_tokens`, a placeholder already followed by the rest of its tokens matches with them."""
+        if not self.names:
+            return re.compile(r"(?!)")  # matches nothing
+        alternatives = []
+        for k, name in enumerate(self.names):
+            tail = "".join(r"\s*" + re.escape(t) for t in self.tokens[name][1:]) if with_tokens else ""
+            alternatives.append(f"(?P<p{k}>{re.escape(name)})" + (f"(?:{tail})?" if tail else ""))
+        return re.compile("(?:" + "|".join(alternatives) + r")(?!_\d)" + suffix)
+
+    def which(self, match: re.Match) -> str:
+        return next(self.names[k] for k in range(len(self.names)) if match.group(f"p{k}") is not None)
+
+    def named(self, *texts: str | None) -> list[str]:
+        """The placeholders the texts name, in the order the concepts were given."""
+        pattern = self.pattern()
+        found = {self.which(m) for text in texts if text for m in pattern.finditer(text)}
+        return [p for p in self.tokens if p in found]
+
+    def split(self, text: str) -> list[str]:
+        """[words, placeholder, words, placeholder, ..., words]: odd items are placeholders."""
+        parts, last = [], 0
+        for match in self.pattern().finditer(text):
+            parts += [text[last : match.start()], self.which(match)]
+            last = match.end()
+        return [*parts, text[last:]]
+
+    def expand(self, text: str) -> str:
+        """Each placeholder replaced by all its tokens ("a <my-dog>" -> "a <my-dog> <my-dog>_1");
+        text that already names all of them stays as it is."""
+        return self.pattern(with_tokens=True).sub(lambda m: " ".join(self.tokens[self.which(m)]), text)
+
+    def replace(self, text: str, replacements: Mapping[str, str]) -> str:
+        """Each placeholder of `replacements` replaced by its text (the others stay)."""
+        return self.pattern().sub(lambda m: replacements.get(self.which(m), m.group(0)), text)
+
+    def take_weights(self, text: str, weights: Mapping[str, float] | None = None) -> tuple[str, dict[str, float]]:
+        """Takes `:w` from after placeholders: "a <my-dog>:0.8" -> ("a <my-dog>", {"<my-dog>": 0.8}).
+        w is a number in WEIGHT_RANGE; one placeholder gets one weight per text. A sentence's full
+        stop stays ("<my-dog>:2." -> "<my-dog>."); "<my-dog>: a dog" and "<my-dog>:-)" are text."""
+        weights, given = dict(weights or {}), text
+        low, high = WEIGHT_RANGE
+
+        def take(match: re.Match) -> str:
+            placeholder, raw = self.which(match), match.group("weight")
+            core = raw.rstrip(".")
+            if not any(c.isalnum() for c in core):  # ":-)", ":..." are not weights
+                return match.group(0)
+            form = f"write a weight as {placeholder}:0.8, a number from {low:g} to {high:g}"
+            if not NUMBER.fullmatch(core):
+                raise ConceptError(f"{placeholder}:{core} in {given!r} is not a weight; {form}")
+            value = float(core)
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ConceptError(f"{placeholder}:{core} in {given!r} is out of range; {form}")
+            if weights.get(placeholder, value) != value:
+                raise ConceptError(
+                    f"{placeholder} has two weights ({weights[placeholder]:g} and {value:g}) in {given!r}; give it one"
+                )
+            weights[placeholder] = value
+            return placeholder + raw[len(core) :]
+
+        return self.pattern(f"(?::(?P<weight>{WEIGHT_CHARS}))?").sub(
+            lambda m: take(m) if m.group("weight") else m.group(0), text
+        ), weights
+
+
+def expand_placeholders(prompt: str, concepts: Mapping[str, Sequence[str]]) -> str:
     """Replaces each placeholder by all its tokens: "a <my-dog>" -> "a <my-dog> <my-dog>_1"."""
-    for placeholder, tokens in concepts.items():
-        if len(tokens) > 1:
-            prompt = replace_placeholder(prompt, placeholder, " ".join(tokens))
-    return prompt
+    return Placeholders(concepts).expand(prompt)
+
+
+def check_weight(weight: float, what: str = "weight") -> float:
+    low, high = WEIGHT_RANGE
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not low <= weight <= high:
+        raise ConceptError(f"{what} {weight!r} is out of range; give a number from {low:g} to {high:g} (1: as learned)")
+    return float(weight)
 
 
 def check_new_token(
@@ -229,7 +338,8 @@ def write_rows(text_encoder, token_ids: list[int], vectors: torch.Tensor) -> Non
 
 class OutputRows:
     """Forward hook of a T5 encoder that writes output-mode vectors over `last_hidden_state` at
-    their tokens. The features come out in float32 (the vectors' precision), as training used them."""
+    their tokens, whether T5 returns a ModelOutput or (return_dict=False) a tuple. The features
+    come out in float32 (the vectors' precision), as training used them."""
 
     def __init__(self):
         self.vectors: dict[int, torch.Tensor] = {}  # token id -> (C,)
@@ -240,23 +350,38 @@ class OutputRows:
         if input_ids is None or not self.vectors:
             return output
         ids = list(self.vectors)
-        features = output.last_hidden_state.float()
+        as_tuple = isinstance(output, tuple)
+        features = (output[0] if as_tuple else output.last_hidden_state).float()
         token_ids = torch.tensor(ids, device=features.device)
         vectors = torch.stack([self.vectors[i] for i in ids]).to(features.device)
         weights = torch.tensor([self.weights.get(i, 1.0) for i in ids])
-        output.last_hidden_state = replace_rows(input_ids, features, token_ids, vectors, weights)
+        features = replace_rows(input_ids, features, token_ids, vectors, weights)
+        if as_tuple:
+            return (features, *output[1:])
+        output.last_hidden_state = features
         return output
 
 
 def set_output_rows(text_encoder, token_ids: list[int], vectors: torch.Tensor, weight: float = 1.0) -> None:
-    """Makes the encoder output `vectors` (n, C) at `token_ids` (installing the hook once)."""
+    """Makes the encoder output `vectors` (n, C) at `token_ids` (installing the hook once;
+    `remove_output_rows` takes it away)."""
     hook = getattr(text_encoder, "ti_output_rows", None)
     if hook is None:
         hook = text_encoder.ti_output_rows = OutputRows()
-        text_encoder.register_forward_hook(hook, with_kwargs=True)
+        text_encoder.ti_output_rows_handle = text_encoder.register_forward_hook(hook, with_kwargs=True)
     for token_id, vector in zip(token_ids, vectors.detach().float()):
         hook.vectors[token_id] = vector.clone()
         hook.weights[token_id] = weight
+
+
+def remove_output_rows(text_encoder) -> None:
+    """Takes away the hook `set_output_rows` installed: T5 outputs its own features again."""
+    handle = getattr(text_encoder, "ti_output_rows_handle", None)
+    if handle is not None:
+        handle.remove()
+    for name in ("ti_output_rows", "ti_output_rows_handle"):
+        if hasattr(text_encoder, name):
+            delattr(text_encoder, name)
 
 
 @dataclass
@@ -452,6 +577,80 @@ def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) 
         else:
             write_rows(text_encoder, ids[concept.placeholder], concept.vectors)
     return ids
+
+
+def put_concept(text_encoder, concept: LearnedConcept, token_ids: list[int], weight: float = 1.0) -> None:
+    """The concept, weighted, where prompts read it. Input mode: its rows hold weight x vectors.
+    Output mode (where a vector's scale means nothing: Infinity RMS-normalises each text row): its
+    features are weight x vectors + (1 - weight) x T5's own output there, which is the initializer
+    word's in context at weight 0."""
+    if concept.mode == "output":
+        set_output_rows(text_encoder, token_ids, concept.vectors, weight=weight)
+    else:
+        write_rows(text_encoder, token_ids, concept.vectors * weight if weight != 1 else concept.vectors)
+
+
+@contextmanager
+def scaled_vectors(
+    text_encoder,
+    concepts: Mapping[str, LearnedConcept],
+    token_ids: Mapping[str, list[int]],
+    scales: Mapping[str, float],
+    rest: Mapping[str, float] | None = None,
+) -> Iterator[None]:
+    """Inside the block each concept of `scales` is weighted so (`put_concept`); after it, as it
+    was: at its `rest` weight (default 1)."""
+    rest = rest or {}
+    changed = [p for p, s in scales.items() if s != rest.get(p, 1.0)]
+    try:
+        for placeholder in changed:
+            put_concept(text_encoder, concepts[placeholder], token_ids[placeholder], scales[placeholder])
+        yield
+    finally:
+        for placeholder in changed:
+            put_concept(text_encoder, concepts[placeholder], token_ids[placeholder], rest.get(placeholder, 1.0))
+
+
+def concept_mismatches(
+    concept: LearnedConcept,
+    model_type: str | None = None,
+    base_model: str | None = None,
+    text_encoder: str | None = None,
+    fingerprint: str | None = None,
+) -> list[str]:
+    """What the file's metadata says it was trained for, where that differs from the model it is
+    loaded into (None: unknown, not compared).
+
+    model_type is always compared. A file that records the base model's fingerprint is compared by
+    it (when `fingerprint` is given), never by the model's name; otherwise model and text encoder
+    names are compared only when both are hub repo ids: a local path names the same files
+    differently on every machine."""
+    metadata, problems = concept.metadata, []
+    stored_type = metadata.get("model_type")
+    if model_type is not None and isinstance(stored_type, str) and stored_type != model_type:
+        problems.append(f"model_type {stored_type} (this run: {model_type})")
+    stored_fingerprint = metadata.get(FINGERPRINT_KEY)
+    if isinstance(stored_fingerprint, str):
+        if fingerprint is not None and stored_fingerprint != fingerprint:
+            name = metadata.get("base_model")
+            named = f"{name}, " if isinstance(name, str) and name else ""
+            problems.append(
+                f"another base model ({named}fingerprint {stored_fingerprint}; this model's: {fingerprint})"
+            )
+        names = (("text_encoder", text_encoder),)
+    else:
+        names = (("base_model", base_model), ("text_encoder", text_encoder))
+    for key, loaded in names:
+        stored = metadata.get(key)
+        if (
+            isinstance(stored, str)
+            and isinstance(loaded, str)
+            and is_hub_repo_id(stored)
+            and is_hub_repo_id(loaded)
+            and stored.lower() != loaded.lower()
+        ):
+            problems.append(f"{key} {stored} (this run: {loaded})")
+    return problems
 
 
 def mean_embedding_norm(embedding_weight: torch.Tensor, num_tokens: int) -> float:

@@ -21,7 +21,14 @@ from infinity_t2i.grids import labelled_grid
 from infinity_t2i.pipeline import InfinityPipeline, generate_images
 from infinity_t2i.resolution import get_schedule
 from infinity_t2i.text import SPACE_PIECE, tokenize
-from infinity_t2i.textual_inversion import LearnedConcept, apply_concepts, load_learned_embeds, save_learned_embeds
+from infinity_t2i.textual_inversion import (
+    ConceptError,
+    LearnedConcept,
+    Placeholders,
+    apply_concepts,
+    load_learned_embeds,
+    save_learned_embeds,
+)
 
 PLACEHOLDER = "<blob>"
 SCRIPT = os.path.join(ROOT, "infer_textual_inversion.py")
@@ -452,3 +459,131 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
         assert out.read_text() == "not a folder"
     else:
         assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and placeholders
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, text, weights",
+    [
+        ("a <pc>:2e-1 dog", "a <pc> dog", {"<pc>": 0.2}),
+        ("a <pc>:+1.5, dog", "a <pc>, dog", {"<pc>": 1.5}),
+        ("a <pc>:1.", "a <pc>.", {"<pc>": 1.0}),  # the sentence's full stop stays
+        ("a <pc>:-1 and <pc>x:.5", "a <pc> and <pc>x", {"<pc>": -1.0, "<pc>x": 0.5}),
+        ("a <pc>x:2 and a <pc>", "a <pc>x and a <pc>", {"<pc>x": 2.0}),
+        ("<pc>: a dog", "<pc>: a dog", {}),  # a colon and a space: text
+        ("<pc>:-) and <pc>:...", "<pc>:-) and <pc>:...", {}),  # no digit or letter: text
+    ],
+)
+def test_weights_are_numbers_in_range_after_whole_placeholders(prompt, text, weights):
+    assert Placeholders(["<pc>", "<pc>x"]).take_weights(prompt) == (text, weights)
+
+
+def test_placeholders_that_start_alike_are_matched_whole():
+    tokens = {"<pc>": ["<pc>", "<pc>_1"], "<pc>x": ["<pc>x"], "<a>": ["<a>", "<a>_1", "<a>_2"]}
+    placeholders = Placeholders(tokens)
+    assert placeholders.expand("a <pc>x, a <pc> and <pc>xy") == "a <pc>x, a <pc> <pc>_1 and <pc>xy"
+    assert placeholders.expand("<a> <a>_1 <a>_2 and <a>") == "<a> <a>_1 <a>_2 and <a> <a>_1 <a>_2"  # expands once
+    assert placeholders.named("a <pc>x") == ["<pc>x"] and placeholders.named("<pc>x <pc>") == ["<pc>", "<pc>x"]
+    assert placeholders.replace("a <pc>x by a <pc>", {"<pc>": "cat", "<pc>x": "dog"}) == "a dog by a cat"
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API: load_textual_inversion / unload_textual_inversion
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fast")
+def test_load_textual_inversion_draws_the_scripts_images(trained, tiny_pipeline_dir, tmp_path):
+    prompt = f"a photo of a {PLACEHOLDER}:0.7 on the beach"
+    run(tiny_pipeline_dir, trained, tmp_path / "out", "--prompt", prompt, "--num_images", "2")
+    files = [pixels(tmp_path / "out" / f"a-photo-of-a-[blob]-0-7-on-the-beach_seed0_{i}.png") for i in range(2)]
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    assert pipe.load_textual_inversion(trained) == [PLACEHOLDER]
+    assert all(same(a, b) for a, b in zip(generate_images(pipe, prompt, 2, seed=0, schedule=trimmed()), files))
+    assert same(pipe(prompt, seed=1, schedule=trimmed()).images[0], files[1])
+
+
+def test_a_placeholder_in_a_prompt_gets_all_its_vectors(tiny_pipeline_dir, tmp_path):
+    write_concept(tmp_path / "duo.safetensors", "<duo>", 3)
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.load_textual_inversion(tmp_path / "duo.safetensors")
+    old = InfinityPipeline.from_pretrained(tiny_pipeline_dir)  # before: apply_concepts, prompts as written
+    apply_concepts(old.tokenizer, old.text_encoder, load_learned_embeds(str(tmp_path / "duo.safetensors")))
+    prompt, written_out = "a <duo> on grass", "a <duo> <duo>_1 <duo>_2 on grass"
+    ids = tokenize(pipe.tokenizer, [pipe.parse_prompt(prompt)[0]])[0][0].tolist()
+    assert all(i in ids for i in pipe.tokenizer.convert_tokens_to_ids(["<duo>", "<duo>_1", "<duo>_2"]))
+    with torch.no_grad():
+        features = pipe.encode_prompt([prompt]).features
+        assert torch.equal(features, old.encode_prompt([written_out]).features)
+        assert torch.equal(pipe.encode_prompt([written_out]).features, features)  # written out: the same
+        assert not torch.equal(features[:, :3], old.encode_prompt([prompt]).features[:, :3])  # one vector of three
+    image = pipe(prompt, seed=0, schedule=trimmed()).images[0]
+    assert same(image, old(written_out, seed=0, schedule=trimmed()).images[0])
+    assert not same(image, old(prompt, seed=0, schedule=trimmed()).images[0])
+
+
+def output_concept(placeholder="<out>", num_vectors=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+    return LearnedConcept(placeholder, tokens, torch.randn(num_vectors, WIDTH, generator=g),
+                          {"initializer_token": "cat"}, mode="output",
+                          t5_input=torch.randn(num_vectors, WIDTH, generator=g))  # fmt: skip
+
+
+def test_output_rows_reach_t5s_output_with_return_dict_false(tiny_pipeline_dir):
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    concept = output_concept()
+    apply_concepts(pipe.tokenizer, pipe.text_encoder, [concept])
+    input_ids, mask = tokenize(pipe.tokenizer, ["a <out> <out>_1 in the snow"])
+    with torch.no_grad():
+        as_output = pipe.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        (as_tuple, *_) = pipe.text_encoder(input_ids=input_ids, attention_mask=mask, return_dict=False)
+    assert torch.equal(as_tuple, as_output)
+    at = [input_ids[0].tolist().index(i) for i in pipe.tokenizer.convert_tokens_to_ids(concept.tokens)]
+    assert torch.equal(as_tuple[0, at], concept.vectors)
+
+
+@pytest.mark.usefixtures("fast")
+def test_unload_gives_back_the_base_model_bit_for_bit(trained, tiny_pipeline_dir, tmp_path):
+    many = write_concept(tmp_path / "many.safetensors", "<many>", 30)  # more tokens than the 28 spare rows
+    save_learned_embeds(str(tmp_path / "out.safetensors"), output_concept())
+    base, pipe = (
+        InfinityPipeline.from_pretrained(tiny_pipeline_dir),
+        InfinityPipeline.from_pretrained(tiny_pipeline_dir),
+    )
+    prompts = ["a photo of a dog", f"a {PLACEHOLDER} by a <out>:0.5 and a <many>"]  # after unload, only words
+
+    def draw(p, prompt):
+        return p(prompt, seed=0, schedule=trimmed()).images[0]
+
+    pipe.load_textual_inversion(trained)
+    pipe.load_textual_inversion(tmp_path / "many.safetensors", weight=0.5)
+    pipe.load_textual_inversion(tmp_path / "out.safetensors", token="<out>")
+    with torch.no_grad():
+        many_ids = pipe.tokenizer.convert_tokens_to_ids(["<many>"])
+        assert torch.equal(pipe.text_encoder.get_input_embeddings()(torch.tensor(many_ids)), 0.5 * many[:1])
+    assert not same(draw(pipe, prompts[1]), draw(base, prompts[1]))
+    with pytest.raises(ConceptError, match=r"'<blob>' is already loaded .*unload it first"):
+        pipe.load_textual_inversion(trained)
+    with pytest.raises(ConceptError, match="weight 3 is out of range; give a number from -1 to 2"):
+        pipe.load_textual_inversion(trained, token="<again>", weight=3)
+
+    pipe.unload_textual_inversion()
+    for prompt in prompts:
+        assert same(draw(pipe, prompt), draw(base, prompt)), prompt
+    with torch.no_grad():
+        assert torch.equal(pipe.encode_prompt(prompts).features, base.encode_prompt(prompts).features)
+    rows, base_rows = pipe.text_encoder.get_input_embeddings().weight, base.text_encoder.get_input_embeddings().weight
+    assert len(pipe.tokenizer) == len(base.tokenizer) and torch.equal(rows, base_rows)
+
+    # loaded again after unloading; unloading one concept keeps the other as loaded alone
+    pipe.load_textual_inversion(trained)
+    pipe.load_textual_inversion(tmp_path / "out.safetensors")
+    pipe.unload_textual_inversion(PLACEHOLDER)
+    alone = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    alone.load_textual_inversion(tmp_path / "out.safetensors")
+    assert same(draw(pipe, prompts[1]), draw(alone, prompts[1]))
