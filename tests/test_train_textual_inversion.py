@@ -642,16 +642,10 @@ def test_a_nan_on_one_process_stops_both_and_the_main_one_keeps_the_embedding(ti
         )
 
 
-def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipeline_dir, tmp_path):
-    """Batch 2 over two processes with images of two aspect ratios: every batch holds one shape,
-    every image is seen in the epoch, and both processes run the same number of steps."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        draw_concept(data / f"wide_{i}.png", size=(96, 64), shift=i)
-        draw_concept(data / f"tall_{i}.png", size=(64, 96), shift=i)
-    wrapper = tmp_path / "record_batches.py"
-    wrapper.write_text(
+def write_batch_recorder(path):
+    """A wrapper of the training script whose processes write each epoch's batches (indices) to
+    the folder given as its last argument, as batches_{rank}_{epoch}.json."""
+    path.write_text(
         "import json, os, sys\n"
         "import train_textual_inversion_infinity as train\n"
         "real_iter = train.SameShapeBatchSampler.__iter__\n"
@@ -663,6 +657,18 @@ def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipelin
         "train.SameShapeBatchSampler.__iter__ = recording_iter\n"
         "train.main(train.parse_args(sys.argv[1:-1]))\n"
     )
+    return path
+
+
+def test_two_processes_share_same_shape_batches_and_see_every_image(tiny_pipeline_dir, tmp_path):
+    """Batch 2 over two processes with images of two aspect ratios: every batch holds one shape,
+    every image is seen in the epoch, and both processes run the same number of steps."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        draw_concept(data / f"wide_{i}.png", size=(96, 64), shift=i)
+        draw_concept(data / f"tall_{i}.png", size=(64, 96), shift=i)
+    wrapper = write_batch_recorder(tmp_path / "record_batches.py")
     out = tmp_path / "out"
     record = tmp_path / "record"
     record.mkdir()

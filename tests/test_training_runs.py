@@ -13,7 +13,15 @@ from helpers import draw_concept, run_script_expecting_error
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_train_textual_inversion import PLACEHOLDER, SCRIPT, launch_two_processes, run, scalars, train_args
+from test_train_textual_inversion import (
+    PLACEHOLDER,
+    SCRIPT,
+    launch_two_processes,
+    run,
+    scalars,
+    train_args,
+    write_batch_recorder,
+)
 
 import train_textual_inversion_infinity as train
 
@@ -77,19 +85,7 @@ def test_a_resume_inside_a_partial_epoch_ends_where_the_uninterrupted_run_ends(
 def test_two_processes_without_a_seed_share_one_and_resume_exactly(tiny_pipeline_dir, concept_dir, tmp_path):
     """Two CPU processes (gloo), no --seed, accumulation 2 over 3 batches per process: every image
     once an epoch, equal steps, and stop-and-resume equal to an uninterrupted run."""
-    wrapper = tmp_path / "record_batches.py"
-    wrapper.write_text(
-        "import json, os, sys\n"
-        "import train_textual_inversion_infinity as train\n"
-        "real_iter = train.SameShapeBatchSampler.__iter__\n"
-        "def recording_iter(self):\n"
-        "    batches = list(real_iter(self))\n"
-        "    with open(os.path.join(sys.argv[-1], f\"batches_{os.environ['RANK']}_{self.epoch}.json\"), 'w') as f:\n"
-        "        json.dump(batches, f)\n"
-        "    return iter(batches)\n"
-        "train.SameShapeBatchSampler.__iter__ = recording_iter\n"
-        "train.main(train.parse_args(sys.argv[1:-1]))\n"
-    )
+    wrapper = write_batch_recorder(tmp_path / "record_batches.py")
     record = tmp_path / "record"
     record.mkdir()
     common = ["--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--learning_rate", "0.05"]
