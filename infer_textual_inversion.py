@@ -10,11 +10,18 @@
 `learned_embeds.safetensors` (what train_textual_inversion_infinity.py writes) or a hub repo id.
 Besides this project's format it reads diffusers' `{token: tensor}` files and A1111 embeddings
 (`string_to_param`), when their vectors have the text encoder's width (2048 for flan-T5-XL).
-The tokens are added to the tokenizer exactly as training added them and the vectors are written
-into their embedding rows; prompts without a learned token encode exactly as with the base model.
-`<my-dog>:0.8` in a prompt weights that concept for that prompt: an input-mode concept's vectors
-are scaled by 0.8; an output-mode concept's features are 0.8 x its vectors + 0.2 x what T5
-outputs there for the initializer word (0 = the word, 1 = the concept).
+The script loads them with `InfinityPipeline.load_textual_inversion`, the Python API: the tokens
+are added to the tokenizer exactly as training added them, the vectors written into their embedding
+rows, and each prompt's placeholders expanded into all their tokens; prompts without a learned
+token encode exactly as with the base model. An embedding is refused (unless `--force`) when its
+metadata names another model_type, another base model (by the fingerprint training records, or by
+hub repo id for files without one) or another hub text encoder.
+
+`<my-dog>:0.8` in a prompt weights that concept for that prompt (and the negative prompt has its
+own): an input-mode concept's vectors are scaled by 0.8; an output-mode concept's features are
+0.8 x its vectors + 0.2 x what T5 outputs there for the initializer word (0 = the word, 1 = the
+concept). A weight is a number from -1 to 2 (`1`, `.5`, `-0.25`, `2e-1`); anything else written
+right after `<tok>:` (`<tok>:abc`, `<tok>:1e3`) is refused; `<tok>: text` stays text.
 
 Generation goes through `infinity_t2i.pipeline.generate_images`, the function the training
 script's validation uses: image i of a prompt is drawn with seed `--seed + i`, whatever
@@ -34,7 +41,6 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,16 +61,14 @@ from infinity_t2i.pipeline import (
 from infinity_t2i.resolution import PN_NUM_SCALES, get_schedule, nearest_template
 from infinity_t2i.sampling import SamplingSettings
 from infinity_t2i.textual_inversion import (
+    WEIGHT_RANGE,
     ConceptError,
+    ConceptMismatch,
     LearnedConcept,
-    apply_concepts,
-    expand_placeholders,
-    is_hub_repo_id,
+    Placeholders,
+    concept_mismatches,
     load_learned_embeds,
-    placeholder_pattern,
-    replace_placeholder,
-    set_output_rows,
-    write_rows,
+    scaled_vectors,  # noqa: F401  (infer.scaled_vectors: tests/test_ti_modes.py)
 )
 
 logger = logging.getLogger(__name__)
@@ -72,8 +76,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SETTINGS_NAME = "settings.json"
 SAMPLING_DEFAULTS = SamplingSettings()  # the official run_infinity.py's
-# "<my-dog>:0.8" -> scale 0.8 (no sign means positive; "2." keeps the sentence's full stop)
-SCALE_SUFFIX = r":(-?(?:\d+(?:\.\d+)?|\.\d+))"
 
 
 class UsageError(Exception):
@@ -145,7 +147,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--force",
         action="store_true",
-        help="Use embeddings whose metadata names another model_type, base model or text encoder.",
+        help=(
+            "Use embeddings whose metadata names another model_type, base model (fingerprint or hub id) or hub text "
+            "encoder."
+        ),
     )
     # prompts
     parser.add_argument(
@@ -153,7 +158,10 @@ def parse_args(argv=None):
         type=str,
         action="append",
         default=None,
-        help='A prompt, e.g. "a photo of a <my-dog>" or "a photo of a <my-dog>:0.8" (weighted concept); repeatable.',
+        help=(
+            f'A prompt, e.g. "a photo of a <my-dog>", or "a photo of a <my-dog>:0.8" (the concept weighted, a number '
+            f"from {WEIGHT_RANGE[0]:g} to {WEIGHT_RANGE[1]:g}; 1 = as learned); repeatable."
+        ),
     )
     parser.add_argument(
         "--prompt_file", type=str, default=None, help="A text file with one prompt per line (blank lines skipped)."
@@ -256,35 +264,6 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def mentions(text: str, placeholder: str) -> bool:
-    return placeholder_pattern(placeholder).search(text) is not None
-
-
-def parse_token_scales(text: str, placeholders, scales: dict[str, float] | None = None) -> tuple[str, dict[str, float]]:
-    """Removes `:0.8` after placeholders: ("a <my-dog>:0.8", ...) -> ("a <my-dog>", {"<my-dog>": 0.8}).
-    One placeholder gets one scale per prompt (its negative prompt included)."""
-    scales, given = dict(scales or {}), text
-    for placeholder in sorted(placeholders, key=len, reverse=True):
-
-        def take(match, placeholder=placeholder):
-            value = float(match.group(1))
-            if scales.get(placeholder, value) != value:
-                raise UsageError(
-                    f"{placeholder} has two scales ({scales[placeholder]} and {value}) in {given!r}; give it one"
-                )
-            scales[placeholder] = value
-            return placeholder
-
-        text = placeholder_pattern(placeholder, SCALE_SUFFIX).sub(take, text)
-    return text, scales
-
-
-def replace_with_initializers(text: str, concepts: dict[str, LearnedConcept]) -> str:
-    for placeholder, concept in concepts.items():
-        text = replace_placeholder(text, placeholder, concept.metadata["initializer_token"])
-    return text
-
-
 def slugify(text: str, placeholders: Sequence[str] = (), max_length: int = 60) -> str:
     """A prompt as a file name: lower-case words joined by "-", each learned placeholder kept
     visible in brackets ("a photo of a <blue-heart>" -> "a-photo-of-a-[blue-heart]"), so that it
@@ -293,37 +272,41 @@ def slugify(text: str, placeholders: Sequence[str] = (), max_length: int = 60) -
     def words(part: str) -> str:
         return re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-")
 
-    # longest first, so that a placeholder inside another one's name does not split it
-    names = "|".join(placeholder_pattern(p).pattern for p in sorted(placeholders, key=len, reverse=True))
-    parts = re.split(f"({names})", text) if names else [text]  # odd parts: the placeholders
+    parts = Placeholders(placeholders).split(text)  # odd parts: the placeholders
     slug = "-".join(filter(None, (f"[{words(x) or 'token'}]" if i % 2 else words(x) for i, x in enumerate(parts))))
     return slug[:max_length].rstrip("-") or "prompt"
 
 
 @dataclass
 class PromptJob:
-    prompt: str  # as given
-    text: str  # scales removed, placeholders not yet expanded
-    negative: str | None
-    scales: dict[str, float]
+    prompt: str  # as given: weights and placeholders as written
+    text: str  # weights removed, placeholders not yet expanded
+    negative: str | None  # as given
+    scales: dict[str, float]  # the prompt's weights
+    negative_scales: dict[str, float]
     used: list[str]  # placeholders the prompt (or its negative) names
     slug: str
     compare_text: str | None = None
     compare_negative: str | None = None
     record: dict = field(default_factory=dict)
 
+    def files(self, seeds: list[int]) -> list[str]:
+        names = [f"{self.slug}_seed{seeds[0]}_{i}.png" for i in range(len(seeds))] + [f"{self.slug}_grid.png"]
+        return names + ([f"{self.slug}_compare.png"] if self.compare_text is not None else [])
+
 
 def plan_prompts(
     prompts: list[str], negative_prompt: str | None, concepts: dict[str, LearnedConcept], compare: bool
 ) -> list[PromptJob]:
+    """What each prompt renders, checked before any model loads: weights read, the concepts it
+    names, its file names and (with `compare`) the prompt with the initializer words instead."""
+    placeholders = Placeholders({p: c.tokens for p, c in concepts.items()})
+    negative_text, negative_scales = placeholders.take_weights(negative_prompt) if negative_prompt else (None, {})
     jobs, slugs = [], set()
     for prompt in prompts:
-        text, scales = parse_token_scales(prompt, concepts)
-        negative = None
-        if negative_prompt:
-            negative, scales = parse_token_scales(negative_prompt, concepts, scales)
-        used = [p for p in concepts if mentions(text, p) or (negative and mentions(negative, p))]
-        if not mentions_any(text, concepts):
+        text, scales = placeholders.take_weights(prompt)
+        used = placeholders.named(text, negative_text)
+        if not placeholders.named(text):
             logger.warning(
                 f"the prompt {prompt!r} names none of the loaded tokens ({', '.join(concepts)}); it renders as with "
                 "the base model"
@@ -332,7 +315,7 @@ def plan_prompts(
         while slug in slugs:
             slug, k = f"{slugify(prompt, list(concepts))}-{k}", k + 1
         slugs.add(slug)
-        job = PromptJob(prompt, text, negative, {p: s for p, s in scales.items()}, used, slug)
+        job = PromptJob(prompt, text, negative_prompt, scales, negative_scales, used, slug)
         if compare and used:
             missing = [p for p in used if not isinstance(concepts[p].metadata.get("initializer_token"), str)]
             if missing:
@@ -341,67 +324,11 @@ def plan_prompts(
                     f"initializer_token; no comparison for {prompt!r}"
                 )
             else:
-                chosen = {p: concepts[p] for p in used}
-                job.compare_text = replace_with_initializers(text, chosen)
-                job.compare_negative = replace_with_initializers(negative, chosen) if negative else None
+                words = {p: concepts[p].metadata["initializer_token"] for p in used}
+                job.compare_text = placeholders.replace(text, words)
+                job.compare_negative = placeholders.replace(negative_text, words) if negative_text else None
         jobs.append(job)
     return jobs
-
-
-def mentions_any(text: str, concepts) -> bool:
-    return any(mentions(text, p) for p in concepts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Embeddings
-# ---------------------------------------------------------------------------------------------
-
-
-def mismatches(concept: LearnedConcept, model_type: str, base_model: str, text_encoder: str) -> list[str]:
-    """What the file's metadata says it was trained for, where that differs from this run.
-
-    model_type is always compared. Model and text encoder names are compared only when both are
-    hub repo ids: a local path names the same files differently on every machine."""
-    metadata, problems = concept.metadata, []
-    stored_type = metadata.get("model_type")
-    if isinstance(stored_type, str) and stored_type != model_type:
-        problems.append(f"model_type {stored_type} (this run: {model_type})")
-    for key, loaded in (("base_model", base_model), ("text_encoder", text_encoder)):
-        stored = metadata.get(key)
-        if (
-            isinstance(stored, str)
-            and is_hub_repo_id(stored)
-            and is_hub_repo_id(loaded)
-            and stored.lower() != loaded.lower()
-        ):
-            problems.append(f"{key} {stored} (this run: {loaded})")
-    return problems
-
-
-@contextmanager
-def scaled_vectors(
-    text_encoder, concepts: dict[str, LearnedConcept], token_ids: dict[str, list[int]], scales: dict[str, float]
-):
-    """A concept weighted by `<tok>:w` inside the block, as loaded after it. Input mode: its rows
-    hold w * vectors. Output mode (where a vector's scale means nothing: Infinity RMS-normalises
-    each text row): its features are w * vectors + (1 - w) * T5's own output there, which is the
-    initializer word's in context at w = 0."""
-
-    def put(placeholder: str, w: float) -> None:
-        concept, ids = concepts[placeholder], token_ids[placeholder]
-        if concept.mode == "output":
-            set_output_rows(text_encoder, ids, concept.vectors, weight=w)
-        else:
-            write_rows(text_encoder, ids, concept.vectors * w)
-
-    changed = [p for p, s in scales.items() if s != 1.0]
-    try:
-        for placeholder in changed:
-            put(placeholder, scales[placeholder])
-        yield
-    finally:
-        for placeholder in changed:
-            put(placeholder, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,21 +382,20 @@ def main(args):
         loaded += load_learned_embeds(source, token=token, revision=args.revision)
     preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
     text_encoder_name = resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
+    model_type = effective_model_type(args.pretrained_model_name_or_path, args.model_type)
     for concept in loaded:
-        problems = mismatches(
-            concept,
-            effective_model_type(args.pretrained_model_name_or_path, args.model_type),
-            args.pretrained_model_name_or_path,
-            text_encoder_name,
-        )
-        if problems:
-            message = f"{concept.source} ({concept.placeholder}) was trained for {'; '.join(problems)}"
-            if not args.force:
-                raise UsageError(f"{message}; load that model, or pass --force to use the embedding anyway")
-            logger.warning(f"{message}; --force: using it anyway")
+        # the base model's fingerprint, when the file has one, is compared once the model is loaded
+        problems = concept_mismatches(concept, model_type, args.pretrained_model_name_or_path, text_encoder_name)
+        if problems and not args.force:  # with --force, loading warns
+            raise UsageError(
+                f"{concept.source} ({concept.placeholder}) was trained for {'; '.join(problems)}; load that model, or "
+                "pass --force to use the embedding anyway"
+            )
     concepts = {c.placeholder: c for c in loaded}
+    jobs = plan_prompts(prompts, args.negative_prompt, concepts, args.compare)
+    seeds = [args.seed + i for i in range(args.num_images)]
 
-    # 2. The base model, then the learned tokens in its tokenizer and embedding matrix.
+    # 2. The base model, then the learned concepts in it (the pipeline's API: a Python user's code path).
     pipe = InfinityPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         model_type=args.model_type,
@@ -479,35 +405,30 @@ def main(args):
         revision=args.model_revision,
         text_encoder_dtype=TEXT_ENCODER_DTYPES.get(args.text_encoder_dtype),
     )
-    token_ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, loaded)
-    for concept in loaded:
+    try:
+        pipe.load_textual_inversion(loaded, force=args.force)
+    except ConceptMismatch as e:
+        raise UsageError(f"{e.what}; load that model, or pass --force to use the embedding anyway") from e
+    for placeholder, concept in pipe.learned_concepts.items():
         logger.info(
-            f"{concept.placeholder}: {len(concept.tokens)} vector(s) from {concept.source} -> token ids "
-            f"{token_ids[concept.placeholder]}"
+            f"{placeholder}: {len(concept.token_ids)} vector(s) from {concept.concept.source} -> token ids "
+            f"{concept.token_ids}"
         )
-    concept_tokens = {p: c.tokens for p, c in concepts.items()}
 
-    # 3. What each prompt renders: scales taken out, learned tokens expanded.
-    jobs = plan_prompts(prompts, args.negative_prompt, concepts, args.compare)
+    # 3. Generate and save: the pipeline expands and weights each prompt's placeholders.
     template = nearest_template(args.h_div_w)
     schedule = get_schedule(template, args.pn)
     height, width = schedule.image_size(pipe.token_stride)
     sampling = {name: getattr(args, name) for name in SamplingSettings.__dataclass_fields__}
-    seeds = [args.seed + i for i in range(args.num_images)]
-
-    # 4. Generate and save.
     os.makedirs(args.output_dir, exist_ok=True)
     total = args.num_images * (len(jobs) + sum(job.compare_text is not None for job in jobs))
     progress = tqdm(total=total, desc="Images", unit="image")
     written = {"images": 0, "grids": 0, "compare": 0}
     for job in jobs:
-        encoded = expand_placeholders(job.text, concept_tokens)
-        negative = expand_placeholders(job.negative, concept_tokens) if job.negative else None
-        with scaled_vectors(pipe.text_encoder, concepts, token_ids, job.scales):
-            images = generate_images(pipe, encoded, args.num_images, seed=args.seed, batch_size=args.batch_size,
-                                     progress=progress.update, negative_prompt=negative, schedule=schedule,
-                                     **sampling)  # fmt: skip
-        names = [f"{job.slug}_seed{args.seed}_{i}.png" for i in range(args.num_images)]
+        images = generate_images(pipe, job.prompt, args.num_images, seed=args.seed, batch_size=args.batch_size,
+                                 progress=progress.update, negative_prompt=job.negative, schedule=schedule,
+                                 **sampling)  # fmt: skip
+        names = job.files(seeds)[: args.num_images]
         for image, name in zip(images, names):
             save_image(image, os.path.join(args.output_dir, name))
         save_image(grid_of(images, job.prompt, seeds), os.path.join(args.output_dir, f"{job.slug}_grid.png"))
@@ -515,9 +436,10 @@ def main(args):
         written["grids"] += 1
         job.record = {
             "prompt": job.prompt,
-            "encoded_prompt": encoded,
-            "negative_prompt": negative,
+            "encoded_prompt": pipe.parse_prompt(job.prompt)[0],
+            "negative_prompt": pipe.parse_prompt(job.negative)[0] if job.negative else None,
             "scales": job.scales,
+            "negative_scales": job.negative_scales,
             "concepts": job.used,
             "seeds": seeds,
             "images": names,
@@ -538,27 +460,28 @@ def main(args):
             )
     progress.close()
 
-    # 5. Every setting, and where the embeddings came from.
+    # 4. Every setting, and where the embeddings came from.
     settings = {
         "args": vars(args),
         "device": str(pipe.device),
         "dtype": dtype_name,
         "text_encoder_dtype": str(pipe.text_encoder.dtype).removeprefix("torch."),
         "text_encoder": text_encoder_name,
+        "base_model_fingerprint": pipe.fingerprint(),
         "h_div_w_template": template,
         "image_size": [height, width],
         "scale_schedule": [list(g) for g in schedule.grids],
         "sampling": {**sampling, "bit_sampling": "each bit on its own (official sampling_per_bits=1)"},
         "embeddings": [
             {
-                "placeholder": c.placeholder,
-                "tokens": c.tokens,
-                "token_ids": token_ids[c.placeholder],
-                "file": c.source,
-                "vector_norms": [round(v, 6) for v in c.vectors.norm(dim=-1).tolist()],
-                "metadata": c.metadata,
+                "placeholder": placeholder,
+                "tokens": c.concept.tokens,
+                "token_ids": c.token_ids,
+                "file": c.concept.source,
+                "vector_norms": [round(v, 6) for v in c.concept.vectors.norm(dim=-1).tolist()],
+                "metadata": c.concept.metadata,
             }
-            for c in loaded
+            for placeholder, c in pipe.learned_concepts.items()
         ],
         "prompts": [job.record for job in jobs],
     }

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import infer_textual_inversion as infer
+import infinity_t2i.pipeline as pipeline_module
 import train_textual_inversion_infinity as train
 from infinity_t2i.grids import labelled_grid
 from infinity_t2i.pipeline import InfinityPipeline, generate_images
@@ -26,6 +27,7 @@ from infinity_t2i.textual_inversion import (
     LearnedConcept,
     Placeholders,
     apply_concepts,
+    expand_placeholders,
     load_learned_embeds,
     save_learned_embeds,
 )
@@ -71,6 +73,13 @@ def _train(tiny_pipeline_dir, tmp_path_factory):
         "--checkpointing_steps", "1000", "--save_steps", "1000",
     ]))  # fmt: skip
     return out
+
+
+def forbid_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(InfinityPipeline, "from_pretrained", refuse)
 
 
 def write_concept(path, placeholder, num_vectors, seed=0, width=WIDTH, **metadata):
@@ -160,9 +169,7 @@ def test_multi_vector_expansion_and_two_embeddings(trained, tiny_pipeline_dir, t
     ids = apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
     n = len(pipe.tokenizer) - 4
     assert ids == {PLACEHOLDER: [n], "<duo>": [n + 1, n + 2, n + 3]}
-    encoded = infer.expand_placeholders(
-        f"a {PLACEHOLDER} and a <duo>, dog", {c.placeholder: c.tokens for c in concepts}
-    )
+    encoded = expand_placeholders(f"a {PLACEHOLDER} and a <duo>, dog", {c.placeholder: c.tokens for c in concepts})
     assert encoded == f"a {PLACEHOLDER} and a <duo> <duo>_1 <duo>_2, dog"
     input_ids = tokenize(pipe.tokenizer, [encoded])[0][0].tolist()
     k = input_ids.index(n + 1)
@@ -177,15 +184,15 @@ def test_multi_vector_expansion_and_two_embeddings(trained, tiny_pipeline_dir, t
 @pytest.mark.usefixtures("fast")
 def test_two_embeddings_in_one_run_and_the_per_token_scale(trained, tiny_pipeline_dir, tmp_path, monkeypatch):
     duo = write_concept(tmp_path / "duo.safetensors", "<duo>", 3)
-    seen = []
-    original = InfinityPipeline.encode_prompt
+    seen = []  # what T5 encodes, and the embedding rows it reads
+    original = pipeline_module.encode_prompt
 
-    def spy(self, prompts):
-        rows = self.text_encoder.get_input_embeddings().weight
+    def spy(tokenizer, text_encoder, prompts, *args, **kwargs):
+        rows = text_encoder.get_input_embeddings().weight
         seen.append((list(prompts), rows[-28:].clone()))  # the spare rows hold the learned tokens
-        return original(self, prompts)
+        return original(tokenizer, text_encoder, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(InfinityPipeline, "encode_prompt", spy)
+    monkeypatch.setattr(pipeline_module, "encode_prompt", spy)
     settings = run(tiny_pipeline_dir, [trained, tmp_path / "duo.safetensors"], tmp_path / "out", "--cfg", "1",
                    "--prompt", f"a {PLACEHOLDER} and a <duo>:0.5, dog",
                    "--prompt", f"a <duo> on a {PLACEHOLDER}")  # fmt: skip
@@ -205,13 +212,13 @@ def test_two_embeddings_in_one_run_and_the_per_token_scale(trained, tiny_pipelin
 
 
 def test_token_scales_are_parsed_per_prompt():
-    parse = infer.parse_token_scales
-    assert parse(f"a {PLACEHOLDER}:0.8 dog", [PLACEHOLDER]) == (f"a {PLACEHOLDER} dog", {PLACEHOLDER: 0.8})
-    assert parse(f"a {PLACEHOLDER}:2.", [PLACEHOLDER]) == (f"a {PLACEHOLDER}.", {PLACEHOLDER: 2.0})
-    assert parse(f"{PLACEHOLDER}: a dog", [PLACEHOLDER]) == (f"{PLACEHOLDER}: a dog", {})
-    assert parse(f"a {PLACEHOLDER}:-.5 and {PLACEHOLDER}:-0.5", [PLACEHOLDER])[1] == {PLACEHOLDER: -0.5}
-    with pytest.raises(infer.UsageError, match="two scales"):
-        parse(f"a {PLACEHOLDER}:0.5 and a {PLACEHOLDER}:2", [PLACEHOLDER])
+    parse = Placeholders([PLACEHOLDER]).take_weights
+    assert parse(f"a {PLACEHOLDER}:0.8 dog") == (f"a {PLACEHOLDER} dog", {PLACEHOLDER: 0.8})
+    assert parse(f"a {PLACEHOLDER}:2.") == (f"a {PLACEHOLDER}.", {PLACEHOLDER: 2.0})
+    assert parse(f"{PLACEHOLDER}: a dog") == (f"{PLACEHOLDER}: a dog", {})
+    assert parse(f"a {PLACEHOLDER}:-.5 and {PLACEHOLDER}:-0.5")[1] == {PLACEHOLDER: -0.5}
+    with pytest.raises(ConceptError, match="two weights"):
+        parse(f"a {PLACEHOLDER}:0.5 and a {PLACEHOLDER}:2")
 
 
 def test_diffusers_and_a1111_files_load(tiny_pipeline_dir, tmp_path):
@@ -345,10 +352,8 @@ def test_files_grids_and_settings_are_written(trained, tiny_pipeline_dir, tmp_pa
         "bit_sampling": settings["sampling"]["bit_sampling"],
     }
     (embedding,) = settings["embeddings"]
-    assert (
-        embedding["metadata"]["base_model"] == str(tiny_pipeline_dir)
-        and embedding["metadata"]["initializer_token"] == "dog"
-    )
+    assert os.path.basename(embedding["metadata"]["base_model"]) == os.path.basename(tiny_pipeline_dir)
+    assert embedding["metadata"]["initializer_token"] == "dog"
     assert embedding["file"] == str(trained / "learned_embeds.safetensors") and embedding["tokens"] == [PLACEHOLDER]
     first = settings["prompts"][0]
     assert first["images"] == [f"{slugs[0]}_seed0_{i}.png" for i in range(3)] and first["seeds"] == [0, 1, 2]
@@ -378,7 +383,7 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
                    "--compare", "--force", "--dtype", "bfloat16",
                    "--prompt", "a <cat-toy>", "--prompt", "a <big>")  # fmt: skip
     assert "<cat-toy>" in caplog.text and "records no initializer_token" in caplog.text
-    assert "--force: using it anyway" in caplog.text and "infinity_8b" in caplog.text
+    assert "using it anyway" in caplog.text and "infinity_8b" in caplog.text
     assert not os.path.exists(out / "a-[cat-toy]_compare.png") and os.path.exists(out / "a-[big]_compare.png")
     assert settings["dtype"] == "bfloat16" and settings["prompts"][1]["compare_prompt"] == "a cat"
 
@@ -409,7 +414,7 @@ def test_compare_needs_an_initializer_and_force_accepts_another_model_type(tiny_
         ("offline", [], "could not get learned_embeds.safetensors from 'user/my-dog-ti'"),
         ("pickle", [], "holds pickled objects other than tensors and is refused"),
         ("ok", ["--prompt_file", "nowhere.txt"], "cannot read --prompt_file nowhere.txt"),
-        ("ok", ["--prompt", "a <ok>:1 and <ok>:2"], "two scales"),
+        ("ok", ["--prompt", "a <ok>:1 and <ok>:2"], "two weights"),
         ("ok", ["--token", "a", "--token", "b"], "2 --token for 1 --learned_embeds"),
         ("output-is-a-file", [], "--output_dir: "),
         pytest.param(
@@ -461,8 +466,43 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
         assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("other-model", [], "was trained for another base model (tiny-infinity, fingerprint 0123456789abcdef; this "),
+        ("ok", ["--prompt", "a <ok>:1e3"], "<ok>:1e3 in 'a <ok>:1e3' is out of range; write a weight as <ok>:0.8"),
+        ("ok", ["--prompt", "a <ok>:abc"], "<ok>:abc in 'a <ok>:abc' is not a weight; write a weight as <ok>:0.8, a "),
+        ("ok", ["--prompt", "a <ok>:1e999 dog"], "<ok>:1e999 in 'a <ok>:1e999 dog' is out of range"),
+        (
+            "ok",
+            ["--prompt", "a <ok>:" + "9" * 400],
+            "is out of range; write a weight as <ok>:0.8, a number from -1 to 2",
+        ),
+        ("ok", ["--prompt", "a <ok>:nan"], "<ok>:nan in 'a <ok>:nan' is not a weight"),
+        ("ok", ["--prompt", "a <ok>:-1.5"], "<ok>:-1.5 in 'a <ok>:-1.5' is out of range"),
+        ("ok", ["--prompt", "a <ok>:0.5.5"], "<ok>:0.5.5 in 'a <ok>:0.5.5' is not a weight"),
+        ("ok", ["--negative_prompt", "<ok>:3"], "<ok>:3 in '<ok>:3' is out of range"),
+    ],
+)
+def test_more_bad_input_fails_with_one_line_and_writes_nothing(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case, extra, message
+):
+    embeds, out = tmp_path / "embeds.safetensors", tmp_path / "out"
+    write_concept(embeds, "<ok>", 2, base_model="tiny-infinity")
+    if case == "other-model":  # another local model: its folder name says nothing, its fingerprint does
+        write_concept(embeds, "<ok>", 1, base_model="tiny-infinity", base_model_fingerprint="0123456789abcdef")
+    else:
+        forbid_model_loads(monkeypatch)  # refused before the model loads
+    argv = infer_args(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok>") + extra
+    err = run_script_expecting_error(SCRIPT, argv, capsys)
+    assert message in err, err
+    if case == "other-model":
+        assert err.endswith("; load that model, or pass --force to use the embedding anyway"), err
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
-# Weights and placeholders
+# Weights, placeholders and file names
 # ---------------------------------------------------------------------------------------------
 
 
@@ -489,6 +529,45 @@ def test_placeholders_that_start_alike_are_matched_whole():
     assert placeholders.expand("<a> <a>_1 <a>_2 and <a>") == "<a> <a>_1 <a>_2 and <a> <a>_1 <a>_2"  # expands once
     assert placeholders.named("a <pc>x") == ["<pc>x"] and placeholders.named("<pc>x <pc>") == ["<pc>", "<pc>x"]
     assert placeholders.replace("a <pc>x by a <pc>", {"<pc>": "cat", "<pc>x": "dog"}) == "a dog by a cat"
+
+
+@pytest.mark.usefixtures("fast")
+def test_placeholders_that_are_prefixes_of_each_other_both_work(tiny_pipeline_dir, tmp_path):
+    """`<pc>x` keeps its own vector beside a two-vector `<pc>`: its image is the one drawn with
+    `<pc>x` alone loaded (T5 sees vectors, not token ids)."""
+    write_concept(tmp_path / "pc.safetensors", "<pc>", 2, seed=1)
+    write_concept(tmp_path / "pcx.safetensors", "<pc>x", 1, seed=2, initializer_token="dog")
+    both, alone, prompt = tmp_path / "both", tmp_path / "alone", "a <pc>x on grass"
+    settings = run(tiny_pipeline_dir, [tmp_path / "pc.safetensors", tmp_path / "pcx.safetensors"], both,
+                   "--prompt", prompt, "--prompt", "a <pc>:0.5 by a <pc>x", "--compare")  # fmt: skip
+    run(tiny_pipeline_dir, tmp_path / "pcx.safetensors", alone, "--prompt", prompt)
+    first, second = settings["prompts"]
+    assert first["encoded_prompt"] == prompt and first["concepts"] == ["<pc>x"]
+    assert first["compare_prompt"] == "a dog on grass"
+    assert second["encoded_prompt"] == "a <pc> <pc>_1 by a <pc>x" and second["scales"] == {"<pc>": 0.5}
+    assert second["compare_prompt"] == "a cat by a dog"
+    name = "a-[pc-x]-on-grass_seed0_0.png"
+    assert same(pixels(both / name), pixels(alone / name))
+
+
+@pytest.mark.usefixtures("fast")
+def test_the_base_models_fingerprint_decides_and_force_accepts_another(tiny_pipeline_dir, tmp_path, caplog):
+    fingerprint = InfinityPipeline.from_pretrained(tiny_pipeline_dir).fingerprint()
+    write_concept(
+        tmp_path / "mine.safetensors", "<mine>", 1, base_model="elsewhere", base_model_fingerprint=fingerprint
+    )
+    write_concept(tmp_path / "other.safetensors", "<other>", 1, base_model_fingerprint="0123456789abcdef")
+    # a file with the model's fingerprint loads whatever its base_model says, even another hub id
+    write_concept(tmp_path / "hub.safetensors", "<hub>", 1, base_model="someone/x", base_model_fingerprint=fingerprint)
+    files = [tmp_path / f"{n}.safetensors" for n in ("mine", "hub", "other")]
+    settings = run(tiny_pipeline_dir, files, tmp_path / "out", "--prompt", "a <other>", "--force")
+    assert "another base model (fingerprint 0123456789abcdef" in caplog.text and "using it anyway" in caplog.text
+    assert "<mine>" not in caplog.text and "<hub>" not in caplog.text
+    assert settings["base_model_fingerprint"] == fingerprint
+    pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
+    with pytest.raises(ConceptError, match="pass force=True to use the embedding anyway"):
+        pipe.load_textual_inversion(files[2])
+    assert pipe.load_textual_inversion(files[0]) == ["<mine>"]
 
 
 # ---------------------------------------------------------------------------------------------
