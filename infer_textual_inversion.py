@@ -26,20 +26,26 @@ right after `<tok>:` (`<tok>:abc`, `<tok>:1e3`) is refused; `<tok>: text` stays 
 Generation goes through `infinity_t2i.pipeline.generate_images`, the function the training
 script's validation uses: image i of a prompt is drawn with seed `--seed + i`, whatever
 `--batch_size`. The sampling defaults are the official ones (cfg 3 on the logits, tau 1, top-k 900,
-top-p 0.97; each bit is sampled on its own, i.e. the official sampling_per_bits=1).
+top-p 0.97; each bit is sampled on its own, i.e. the official sampling_per_bits=1). Every numeric
+flag is checked against the range its --help states before anything loads.
 
 Written to `--output_dir`: `{slug}_seed{seed}_{index}.png` per image, `{slug}_grid.png` per prompt,
 `{slug}_compare.png` with `--compare` (each seed's image beside the one with the initializer word
 in place of the learned token), and `settings.json` (every setting, the embeddings' metadata). The
-slug keeps a learned token visible: "a photo of a <my-dog>" -> `a-photo-of-a-[my-dog]`.
+slug keeps a learned token visible: "a photo of a <my-dog>" -> `a-photo-of-a-[my-dog]`; prompts
+whose slugs would be the same (they differ in case or punctuation) get a short hash of the prompt
+as well (`a-dog-1f0e3d`), and a prompt given twice is rendered once. A run never replaces the files
+of an earlier run in the same `--output_dir` unless `--overwrite_output_dir` is given.
 """
 
 import argparse
+import hashlib
 import logging
 import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,7 +55,7 @@ from tqdm.auto import tqdm
 
 from infinity_t2i.files import save_image, unwritable_reason, write_json
 from infinity_t2i.grids import labelled_grid
-from infinity_t2i.loading import CheckpointError, ModelFilesNotFound
+from infinity_t2i.loading import CheckpointError, ModelFilesNotFound, looks_like_a_path
 from infinity_t2i.pipeline import (
     TEXT_ENCODER_DTYPES,
     InfinityPipeline,
@@ -67,6 +73,7 @@ from infinity_t2i.textual_inversion import (
     LearnedConcept,
     Placeholders,
     concept_mismatches,
+    is_hub_repo_id,
     load_learned_embeds,
     scaled_vectors,  # noqa: F401  (infer.scaled_vectors: tests/test_ti_modes.py)
 )
@@ -76,6 +83,21 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SETTINGS_NAME = "settings.json"
 SAMPLING_DEFAULTS = SamplingSettings()  # the official run_infinity.py's
+MAX_SEED = 2**63 - 1
+# flag: (lowest, highest) allowed; floats must be finite. --cfg_insertion_layer's lower end is the
+# model's: -(depth - 1), checked against the model's architecture before its weights load.
+RANGES = {
+    "num_images": (1, 10_000),
+    "batch_size": (1, 1024),
+    "seed": (0, MAX_SEED),
+    "h_div_w": (0.1, 10.0),
+    "cfg": (0.0, 20.0),
+    "tau": (0.01, 10.0),
+    "top_k": (0, 2**31 - 1),
+    "top_p": (0.0, 1.0),
+    "cfg_insertion_layer": (None, 0),
+}
+HASH_LENGTH = 6  # hex digits of the prompt's hash in a file name, when two prompts' slugs clash
 
 
 class UsageError(Exception):
@@ -83,6 +105,15 @@ class UsageError(Exception):
 
 
 BAD_INPUT = (UsageError, ConceptError, ModelFilesNotFound, CheckpointError)
+
+
+def allowed(name: str) -> str:
+    """The range of a numeric flag, as --help and the errors state it."""
+    low, high = RANGES[name]
+    shown = {2**31 - 1: "2**31-1", MAX_SEED: "2**63-1"}
+    if low is None:
+        return f"at most {high:g}"
+    return f"from {shown.get(low, f'{low:g}')} to {shown.get(high, f'{high:g}')}"
 
 
 def parse_args(argv=None):
@@ -122,7 +153,9 @@ def parse_args(argv=None):
         choices=sorted(TEXT_ENCODER_DTYPES),
         help="flan-T5's weights; default float16 on CUDA (FFN outputs kept in float32, as officially), float32 on CPU.",
     )
-    parser.add_argument("--device", type=str, default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument(
+        "--device", type=str, default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)."
+    )
     # embeddings
     parser.add_argument(
         "--learned_embeds",
@@ -164,7 +197,10 @@ def parse_args(argv=None):
         ),
     )
     parser.add_argument(
-        "--prompt_file", type=str, default=None, help="A text file with one prompt per line (blank lines skipped)."
+        "--prompt_file",
+        type=str,
+        default=None,
+        help="A UTF-8 text file with one prompt per line (blank lines skipped).",
     )
     parser.add_argument(
         "--negative_prompt",
@@ -173,15 +209,21 @@ def parse_args(argv=None):
         help="Guides away from this prompt instead of the unconditional one.",
     )
     # generation
-    parser.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
+    parser.add_argument("--num_images", type=int, default=4, help=f"Images per prompt ({allowed('num_images')}).")
     parser.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="Image i of each prompt uses seed + i (default: a random seed, recorded in settings.json).",
+        help=(
+            f"Image i of each prompt uses seed + i ({allowed('seed')}; default: a random seed, recorded in "
+            "settings.json)."
+        ),
     )
     parser.add_argument(
-        "--batch_size", type=int, default=4, help="Images generated together (does not change the images)."
+        "--batch_size",
+        type=int,
+        default=4,
+        help=f"Images generated together ({allowed('batch_size')}; does not change the images).",
     )
     parser.add_argument(
         "--pn",
@@ -191,7 +233,10 @@ def parse_args(argv=None):
         help="Total pixels: 0.06M (256px), 0.25M (512px), 0.60M or 1M (1024px) for square images.",
     )
     parser.add_argument(
-        "--h_div_w", type=float, default=1.0, help="Aspect ratio height/width; the nearest Infinity template is used."
+        "--h_div_w",
+        type=float,
+        default=1.0,
+        help=f"Aspect ratio height/width ({allowed('h_div_w')}); the nearest Infinity template (1/3 to 3) is used.",
     )
     parser.add_argument(
         "--cfg",
@@ -199,26 +244,39 @@ def parse_args(argv=None):
         dest="cfg",
         type=float,
         default=SAMPLING_DEFAULTS.cfg,
-        help="Classifier-free guidance scale (1 = none).",
+        help=f"Classifier-free guidance scale ({allowed('cfg')}; 1 = none).",
     )
     parser.add_argument(
-        "--tau", type=float, default=SAMPLING_DEFAULTS.tau, help="Sampling temperature of the bit logits."
+        "--tau",
+        type=float,
+        default=SAMPLING_DEFAULTS.tau,
+        help=f"Sampling temperature of the bit logits ({allowed('tau')}).",
     )
     parser.add_argument(
         "--top_k",
         type=int,
         default=SAMPLING_DEFAULTS.top_k,
-        help="Per-bit top-k (>= 2 keeps both values, 1 is greedy, 0 off).",
+        help=f"Per-bit top-k ({allowed('top_k')}: >= 2 keeps both values, 1 is greedy, 0 off).",
     )
-    parser.add_argument("--top_p", type=float, default=SAMPLING_DEFAULTS.top_p, help="Per-bit top-p (0 off).")
+    parser.add_argument(
+        "--top_p", type=float, default=SAMPLING_DEFAULTS.top_p, help=f"Per-bit top-p ({allowed('top_p')}; 0 off)."
+    )
     parser.add_argument(
         "--cfg_insertion_layer",
         type=int,
         default=SAMPLING_DEFAULTS.cfg_insertion_layer,
-        help="0: guidance on the logits; -k: on the hidden states after block depth-k.",
+        help=(
+            "0: guidance on the logits; -k: on the hidden states after block depth-k, for k from 1 to depth-1 of the "
+            "model (31 for Infinity-2B)."
+        ),
     )
     # output
     parser.add_argument("--output_dir", type=str, default="outputs", help="Where images, grids and settings.json go.")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the files of an earlier run in --output_dir (without it, such a run is refused).",
+    )
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -236,14 +294,36 @@ def parse_args(argv=None):
             f"{len(args.token)} --token for {len(args.learned_embeds)} --learned_embeds; each --token renames the "
             "matching file's placeholder"
         )
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if not args.h_div_w > 0:
-        parser.error(f"--h_div_w must be positive, got {args.h_div_w}")
-    if not 0 <= args.top_p <= 1 or args.top_k < 0 or not args.tau > 0:
-        parser.error("need 0 <= --top_p <= 1, --top_k >= 0 and --tau > 0")
+    for name, (low, high) in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not ((low is None or low <= value) and value <= high):  # NaN fails too
+            number = "a finite number" if isinstance(value, float) else "an integer"
+            parser.error(f"--{name} must be {number} {allowed(name)}, got {value}")
+    if args.device is not None:
+        problem = device_problem(args.device)
+        if problem:
+            parser.error(f"--device {args.device}: {problem}")
     return args
+
+
+def device_problem(name: str) -> str | None:
+    """Why `name` is no device this machine can run on, or None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "not a device; use cpu, cuda or cuda:N"
+    if device.type == "cpu":
+        return None
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return None
+    if device.type != "cuda":
+        return "not a device this script runs on; use cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return "CUDA is not available on this machine; use --device cpu"
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +339,18 @@ def read_prompts(args) -> list[str]:
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise UsageError(f"cannot read --prompt_file {args.prompt_file} ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            line = e.object[: e.start].count(b"\n") + 1
+            raise UsageError(
+                f"--prompt_file {args.prompt_file} is not UTF-8 text (line {line} holds the byte "
+                f"{e.object[e.start]:#04x}); save it as UTF-8"
+            ) from e
     if not prompts:
         raise UsageError(f"--prompt_file {args.prompt_file} holds no prompts")
-    return prompts
+    unique = list(dict.fromkeys(prompts))
+    for prompt in [p for p, n in Counter(prompts).items() if n > 1]:
+        logger.warning(f"the prompt {prompt!r} is given {Counter(prompts)[prompt]} times; it is rendered once")
+    return unique
 
 
 def slugify(text: str, placeholders: Sequence[str] = (), max_length: int = 60) -> str:
@@ -275,6 +364,21 @@ def slugify(text: str, placeholders: Sequence[str] = (), max_length: int = 60) -
     parts = Placeholders(placeholders).split(text)  # odd parts: the placeholders
     slug = "-".join(filter(None, (f"[{words(x) or 'token'}]" if i % 2 else words(x) for i, x in enumerate(parts))))
     return slug[:max_length].rstrip("-") or "prompt"
+
+
+def file_stems(prompts: Sequence[str], placeholders: Sequence[str] = ()) -> dict[str, str]:
+    """{prompt: its files' stem}, unique within the run: the slug, and where two prompts' slugs are
+    the same ("A dog" and "a dog!"), the slug and a short hash of the prompt, whatever the order."""
+    stems = {p: slugify(p, placeholders) for p in prompts}
+    for length in (HASH_LENGTH, 12, 64):
+        counts = Counter(stems.values())
+        clashing = [p for p in prompts if counts[stems[p]] > 1]
+        if not clashing:
+            break
+        for prompt in clashing:
+            digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:length]
+            stems[prompt] = f"{slugify(prompt, placeholders)}-{digest}"
+    return stems
 
 
 @dataclass
@@ -302,7 +406,8 @@ def plan_prompts(
     names, its file names and (with `compare`) the prompt with the initializer words instead."""
     placeholders = Placeholders({p: c.tokens for p, c in concepts.items()})
     negative_text, negative_scales = placeholders.take_weights(negative_prompt) if negative_prompt else (None, {})
-    jobs, slugs = [], set()
+    stems = file_stems(prompts, list(concepts))
+    jobs = []
     for prompt in prompts:
         text, scales = placeholders.take_weights(prompt)
         used = placeholders.named(text, negative_text)
@@ -311,11 +416,7 @@ def plan_prompts(
                 f"the prompt {prompt!r} names none of the loaded tokens ({', '.join(concepts)}); it renders as with "
                 "the base model"
             )
-        slug, k = slugify(prompt, list(concepts)), 2
-        while slug in slugs:
-            slug, k = f"{slugify(prompt, list(concepts))}-{k}", k + 1
-        slugs.add(slug)
-        job = PromptJob(prompt, text, negative_prompt, scales, negative_scales, used, slug)
+        job = PromptJob(prompt, text, negative_prompt, scales, negative_scales, used, stems[prompt])
         if compare and used:
             missing = [p for p in used if not isinstance(concepts[p].metadata.get("initializer_token"), str)]
             if missing:
@@ -329,6 +430,45 @@ def plan_prompts(
                 job.compare_negative = placeholders.replace(negative_text, words) if negative_text else None
         jobs.append(job)
     return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before the model loads
+# ---------------------------------------------------------------------------------------------
+
+
+def check_model_path(name: str) -> None:
+    """A local folder that is not there is named as such (not looked up on the hub, where the
+    error would be about something else)."""
+    if os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise UsageError(f"--pretrained_model_name_or_path {name} is a file; pass the model's folder or a hub repo id")
+    owner = name.split("/")[0]
+    if looks_like_a_path(name) or not is_hub_repo_id(name) or os.path.isdir(owner):
+        local = f" ({owner}/ is a local folder, so it is no hub repo id)" if os.path.isdir(owner) else ""
+        raise UsageError(
+            f"--pretrained_model_name_or_path {name}: the folder does not exist{local}; pass a model folder or a hub "
+            "repo id such as FoundationVision/Infinity"
+        )
+
+
+def check_cfg_insertion_layer(layer: int, depth: int) -> None:
+    if not -(depth - 1) <= layer <= 0:
+        hidden = f" or -1 to -{depth - 1} (on the hidden states after block depth-k)" if depth > 1 else ""
+        raise UsageError(
+            f"--cfg_insertion_layer {layer}: this model has {depth} blocks; give 0 (guidance on the logits){hidden}"
+        )
+
+
+def check_overwrite(output_dir: str, names: list[str], overwrite: bool) -> None:
+    existing = [n for n in names if os.path.exists(os.path.join(output_dir, n))]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more file(s) this run writes" if len(existing) > 1 else ""
+        raise UsageError(
+            f"--output_dir {output_dir} already holds {existing[0]}{more}, from an earlier run; choose another folder, "
+            "or pass --overwrite_output_dir to replace them"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,15 +504,17 @@ def main(args):
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    problem = device_problem(device)
+    if problem:
+        raise UsageError(f"--device {device}: {problem}")
     dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     if args.seed is None:
         args.seed = int(torch.randint(0, 2**31 - 1, ()).item())
         logger.info(f"no --seed given; using {args.seed}")
 
-    # 1. Prompts, embedding files and the output folder: checked before the model loads.
+    # 1. Prompts, model, embedding files and the output folder: checked before the model loads.
     prompts = read_prompts(args)
+    check_model_path(args.pretrained_model_name_or_path)
     problem = unwritable_reason(args.output_dir)
     if problem:
         raise UsageError(f"--output_dir: {problem}; choose another folder")
@@ -381,6 +523,7 @@ def main(args):
         token = args.token[k] if args.token and k < len(args.token) else None
         loaded += load_learned_embeds(source, token=token, revision=args.revision)
     preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
+    check_cfg_insertion_layer(args.cfg_insertion_layer, preset.transformer.depth)
     text_encoder_name = resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
     model_type = effective_model_type(args.pretrained_model_name_or_path, args.model_type)
     for concept in loaded:
@@ -394,6 +537,8 @@ def main(args):
     concepts = {c.placeholder: c for c in loaded}
     jobs = plan_prompts(prompts, args.negative_prompt, concepts, args.compare)
     seeds = [args.seed + i for i in range(args.num_images)]
+    check_overwrite(args.output_dir, [SETTINGS_NAME] + [n for job in jobs for n in job.files(seeds)],
+                    args.overwrite_output_dir)  # fmt: skip
 
     # 2. The base model, then the learned concepts in it (the pipeline's API: a Python user's code path).
     pipe = InfinityPipeline.from_pretrained(

@@ -82,6 +82,12 @@ def forbid_model_loads(monkeypatch):
     monkeypatch.setattr(InfinityPipeline, "from_pretrained", refuse)
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Bad input that can be told without the model is refused before it loads."""
+    forbid_model_loads(monkeypatch)
+
+
 def write_concept(path, placeholder, num_vectors, seed=0, width=WIDTH, **metadata):
     vectors = torch.randn(num_vectors, width, generator=torch.Generator().manual_seed(seed))
     tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
@@ -482,23 +488,97 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
         ("ok", ["--prompt", "a <ok>:-1.5"], "<ok>:-1.5 in 'a <ok>:-1.5' is out of range"),
         ("ok", ["--prompt", "a <ok>:0.5.5"], "<ok>:0.5.5 in 'a <ok>:0.5.5' is not a weight"),
         ("ok", ["--negative_prompt", "<ok>:3"], "<ok>:3 in '<ok>:3' is out of range"),
+        ("latin-1", [], "is not UTF-8 text (line 2 holds the byte 0xe9); save it as UTF-8"),
+        (
+            "ok",
+            ["--pretrained_model_name_or_path", "./nope"],
+            "--pretrained_model_name_or_path ./nope: the folder does ",
+        ),
+        (
+            "ok",
+            ["--pretrained_model_name_or_path", "nope"],
+            "--pretrained_model_name_or_path nope: the folder does not",
+        ),
+        (
+            "ok",
+            ["--cfg_insertion_layer", "-99"],
+            "--cfg_insertion_layer -99: this model has 4 blocks; give 0 (guidance ",
+        ),
+        ("ok", ["--cfg_insertion_layer", "-4"], "or -1 to -3 (on the hidden states after block depth-k)"),
+        ("earlier-run", [], "already holds settings.json and 2 more file(s) this run writes, from an earlier run; "),
     ],
 )
 def test_more_bad_input_fails_with_one_line_and_writes_nothing(
     tiny_pipeline_dir, tmp_path, capsys, monkeypatch, case, extra, message
 ):
-    embeds, out = tmp_path / "embeds.safetensors", tmp_path / "out"
+    embeds, out, argv_extra = tmp_path / "embeds.safetensors", tmp_path / "out", []
     write_concept(embeds, "<ok>", 2, base_model="tiny-infinity")
     if case == "other-model":  # another local model: its folder name says nothing, its fingerprint does
         write_concept(embeds, "<ok>", 1, base_model="tiny-infinity", base_model_fingerprint="0123456789abcdef")
     else:
         forbid_model_loads(monkeypatch)  # refused before the model loads
-    argv = infer_args(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok>") + extra
+    if case == "latin-1":
+        (tmp_path / "prompts.txt").write_bytes("a <ok>\na <ok> caf\xe9\n".encode("latin-1"))
+        argv_extra = ["--prompt_file", tmp_path / "prompts.txt"]
+    before = {}
+    if case == "earlier-run":
+        out.mkdir()
+        for name in ("settings.json", "a-[ok]_seed0_0.png", "a-[ok]_grid.png", "notes.txt"):
+            (out / name).write_text(name)
+        before = {p.name: p.read_text() for p in out.iterdir()}
+        message += "choose another folder, or pass --overwrite_output_dir to replace them"
+    argv = infer_args(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok>", *argv_extra) + extra
     err = run_script_expecting_error(SCRIPT, argv, capsys)
     assert message in err, err
     if case == "other-model":
         assert err.endswith("; load that model, or pass --force to use the embedding anyway"), err
+    assert ({p.name: p.read_text() for p in out.iterdir()} == before) if before else not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--num_images", "0"),
+        ("--num_images", "10001"),
+        ("--batch_size", "0"),
+        ("--batch_size", "1025"),
+        ("--seed", str(2**64)),
+        ("--seed", "-1"),
+        ("--h_div_w", "0"),
+        ("--h_div_w", "nan"),
+        ("--h_div_w", "inf"),
+        ("--cfg", "nan"),
+        ("--cfg", "-1"),
+        ("--cfg", "1e9"),
+        ("--tau", "0"),
+        ("--tau", "nan"),
+        ("--tau", "1e-300"),
+        ("--top_k", "-1"),
+        ("--top_k", str(2**31)),
+        ("--top_p", "1.5"),
+        ("--top_p", "nan"),
+        ("--cfg_insertion_layer", "5"),
+    ],
+)
+def test_every_numeric_flag_is_checked_against_its_range(
+    tiny_pipeline_dir, tmp_path, capsys, no_model_loads, flag, value
+):
+    write_concept(tmp_path / "embeds.safetensors", "<ok>", 1)
+    out = tmp_path / "out"
+    argv = infer_args(tiny_pipeline_dir, tmp_path / "embeds.safetensors", out, "--prompt", "a <ok>") + [flag, value]
+    err = run_script_expecting_error(SCRIPT, argv, capsys)
+    name = flag.removeprefix("--")
+    assert f"error: {flag} must be " in err and infer.allowed(name) in err and ", got " in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99", "meta"])
+def test_a_device_that_is_not_there_is_one_line(tiny_pipeline_dir, tmp_path, capsys, no_model_loads, device):
+    write_concept(tmp_path / "embeds.safetensors", "<ok>", 1)
+    argv = infer_args(tiny_pipeline_dir, tmp_path / "embeds.safetensors", tmp_path / "out", "--prompt", "a <ok>")
+    err = run_script_expecting_error(SCRIPT, [*argv, "--device", device], capsys)
+    assert f"error: --device {device}: " in err and "cpu" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +628,49 @@ def test_placeholders_that_are_prefixes_of_each_other_both_work(tiny_pipeline_di
     assert second["compare_prompt"] == "a cat by a dog"
     name = "a-[pc-x]-on-grass_seed0_0.png"
     assert same(pixels(both / name), pixels(alone / name))
+
+
+def test_file_names_are_unique_per_prompt_whatever_the_order():
+    prompts = ["a dog", "A dog!", "a dog 2", "a <pc> dog", "a <PC> dog"]
+    stems = infer.file_stems(prompts, ["<pc>", "<PC>"])
+    assert len(set(stems.values())) == len(prompts)
+    assert stems["a dog 2"] == "a-dog-2" and stems["a <pc> dog"].startswith("a-[pc]-dog-")
+    assert stems["a dog"] != "a-dog" and stems["a dog"].startswith("a-dog-")  # both "a dog"s carry a hash
+    assert infer.file_stems(prompts[::-1], ["<pc>", "<PC>"]) == stems  # whatever the order
+
+
+@pytest.mark.usefixtures("fast")
+def test_prompts_with_one_slug_keep_their_own_images_and_names(tiny_pipeline_dir, tmp_path):
+    write_concept(tmp_path / "ok.safetensors", "<ok>", 1)
+    prompts, embeds = ["a <ok>", "A <ok>!", "a <ok>"], tmp_path / "ok.safetensors"  # one given twice
+    first_run = run(tiny_pipeline_dir, embeds, tmp_path / "one", *[a for p in prompts for a in ("--prompt", p)])
+    reversed_run = run(
+        tiny_pipeline_dir, embeds, tmp_path / "two", *[a for p in prompts[::-1] for a in ("--prompt", p)]
+    )
+    names = {r["prompt"]: r["images"] for r in first_run["prompts"]}
+    assert len(first_run["prompts"]) == 2 and len(os.listdir(tmp_path / "one")) == 2 * 2 + 1  # rendered once
+    assert names["a <ok>"] != names["A <ok>!"]
+    assert {r["prompt"]: r["images"] for r in reversed_run["prompts"]} == names  # a prompt's name is its own
+    for prompt in names:  # and so is its image
+        run(tiny_pipeline_dir, embeds, tmp_path / f"alone-{len(prompt)}", "--prompt", prompt)
+        (image,) = [n for n in os.listdir(tmp_path / f"alone-{len(prompt)}") if n.endswith("_0.png")]
+        assert same(pixels(tmp_path / "one" / names[prompt][0]), pixels(tmp_path / f"alone-{len(prompt)}" / image))
+
+
+@pytest.mark.usefixtures("fast")
+def test_a_second_run_into_the_folder_is_refused_unless_told(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    write_concept(tmp_path / "ok.safetensors", "<ok>", 1)
+    out, embeds = tmp_path / "out", tmp_path / "ok.safetensors"
+    run(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok>")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    with monkeypatch.context() as patch:  # refused before the model loads
+        forbid_model_loads(patch)
+        argv = infer_args(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok> in the snow", "--seed", "5")
+        err = run_script_expecting_error(SCRIPT, argv, capsys)
+    assert "already holds settings.json, from an earlier run" in err and "--overwrite_output_dir" in err, err
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    run(tiny_pipeline_dir, embeds, out, "--prompt", "a <ok> in the snow", "--overwrite_output_dir")
+    assert json.loads((out / "settings.json").read_text())["prompts"][0]["prompt"] == "a <ok> in the snow"
 
 
 @pytest.mark.usefixtures("fast")
