@@ -631,6 +631,8 @@ def main(args):
         "prompts": [job.record for job in jobs],
     }
     write_json(os.path.join(args.output_dir, SETTINGS_NAME), settings)
+    if pipe.device.type == "cuda":  # what the card this ran on needed (benchmarks/device_check.sh reads it)
+        logger.info(f"peak GPU memory: {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB")
     compare = f", {written['compare']} comparison grid(s)" if args.compare else ""
     print(
         f"Saved {written['images']} image(s) of {len(jobs)} prompt(s) at {width}x{height}, {written['grids']} "
