@@ -71,8 +71,8 @@ from infinity_t2i.textual_inversion import (
     mean_embedding_norm,
     placeholder_tokens,
     replace_placeholder,
+    replace_rows,
     save_learned_embeds,
-    set_output_rows,
     write_rows,
 )
 from infinity_t2i.training import bitwise_loss, make_training_inputs, num_training_scales
@@ -730,11 +730,12 @@ class TrainingData:
 
 
 def encode_training_captions(args, examples: list[Example], pipe, concept) -> CaptionFeatures:
-    """Output mode: every caption the run can draw, through T5 once; then T5 leaves the GPU until
-    validation, which encodes on the CPU."""
+    """Output mode: every caption the run can draw, and the validation prompts, through T5 once;
+    then T5 leaves the GPU for good."""
     captions = {e.caption for e in examples if e.caption is not None} | {
         t.format(args.placeholder_token) for t in TEMPLATES[args.learnable_property]
     }
+    captions |= set(args.validation_prompt or [])
     caption_features = CaptionFeatures(pipe.tokenizer, pipe.text_encoder, sorted(concept.expand(c) for c in captions))
     if pipe.device.type == "cuda":
         pipe.text_encoder.to("cpu")
@@ -1283,13 +1284,14 @@ class Validation:
     saves a labelled grid (and shows it in the trackers); with --validation_similarity_model,
     scores the images against the training images. Runs on the main process only."""
 
-    def __init__(self, args, pipe, concept: ConceptTokens, examples: list[Example], accelerator: Accelerator):
+    def __init__(self, args, pipe, concept: ConceptTokens, data: TrainingData, accelerator: Accelerator):
         self.args, self.pipe, self.concept, self.accelerator = args, pipe, concept, accelerator
+        self.caption_features = data.caption_features  # output mode: the prompts' T5 features
         self.enabled = bool(args.validation_prompt) and accelerator.is_main_process
         self.similarity = None
         if args.validation_similarity_model and accelerator.is_main_process:
             self.similarity = ConceptSimilarity.from_pretrained(args.validation_similarity_model, accelerator.device)
-            self.similarity.set_reference([e.image for e in examples])
+            self.similarity.set_reference([e.image for e in data.examples])
         self.last_grid, self.last_scores = None, {}  # for the model card
 
     def state(self) -> dict[str, str]:
@@ -1304,19 +1306,20 @@ class Validation:
         if not self.enabled:
             return
         args, text_encoder = self.args, self.pipe.text_encoder
-        if args.ti_mode == "output":
-            set_output_rows(text_encoder, self.concept.token_ids, vectors)
-        else:
+        if args.ti_mode == "input":
             write_rows(text_encoder, self.concept.token_ids, vectors)
         was_training = text_encoder.training
         text_encoder.eval()
         schedule = get_schedule(1.0, args.pn)
+        # one image at a time: each image's KV caches (CFG doubles them) would otherwise add up to
+        # more than the training step needs at 1M; the random draws are those of any batch size
         images = [
             generate_images(
-                self.pipe, self.concept.expand(p), args.num_validation_images, seed=args.seed, schedule=schedule
+                self.pipe, self.concept.expand(p), args.num_validation_images, seed=args.seed, batch_size=1,
+                schedule=schedule, prompt_embeds=self.prompt_embeds(p, vectors),
             )
             for p in args.validation_prompt
-        ]
+        ]  # fmt: skip
         text_encoder.train(was_training)
         if self.similarity is not None:  # the prompts in words (the initializer for the token) for CLIP's text side
             words = [
@@ -1338,6 +1341,15 @@ class Validation:
         with writing(self.last_grid, args.output_dir):
             save_image(grid, os.path.join(args.output_dir, self.last_grid))
         self.log_grid(grid, step)
+
+    def prompt_embeds(self, prompt: str, vectors: torch.Tensor) -> TextCondition | None:
+        """Output mode: the prompt's features from the start, with the vectors written over the
+        concept's rows as inference's T5 hook writes them; input mode: None (T5 runs)."""
+        if self.caption_features is None:
+            return None
+        ids, text = self.caption_features([self.concept.expand(prompt)])
+        token_ids = torch.tensor(self.concept.token_ids, device=ids.device)
+        return TextCondition(replace_rows(ids, text.features, token_ids, vectors.to(text.features)), text.mask)
 
     def log_grid(self, grid: Image.Image, step: int) -> None:
         for tracker in self.accelerator.trackers:
@@ -1650,7 +1662,7 @@ def main(args):
     logger.info(
         f"  Batch size per device = {args.train_batch_size}, total = {total_batch_size}, steps = {args.max_train_steps}"
     )
-    validation = Validation(args, pipe, concept, data.examples, accelerator)
+    validation = Validation(args, pipe, concept, data, accelerator)
     validation.restore(run.saved)
     if global_step == 0:
         validation(0, accelerator.unwrap_model(learned).vectors)

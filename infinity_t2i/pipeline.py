@@ -415,6 +415,7 @@ class InfinityPipeline:
         generator: Generators = None,
         return_bits: bool = False,
         prefix_bits: Sequence[torch.Tensor] = (),
+        prompt_embeds: TextCondition | None = None,
         **sampling,
     ) -> InfinityPipelineOutput:
         """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg
@@ -424,10 +425,15 @@ class InfinityPipeline:
         With `seed`, image k of the batch draws from its own generator seeded `seed + k` on the
         model's device (for a single image this is the official per-call seeding); `generator`
         (one for the batch, or one per image) overrides it. `prefix_bits`: the first scales' bits,
-        given instead of drawn (see `sample`)."""
+        given instead of drawn (see `sample`). `prompt_embeds`: T5's features of the prompts (one
+        row per prompt), already computed, used instead of encoding them (training's validation
+        encodes its prompts once, while T5 is on the GPU)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        text = self.encode_prompt(prompts)
+        if prompt_embeds is None:
+            text = self.encode_prompt(prompts)
+        else:
+            text = prompt_embeds.repeat(len(prompts) // prompt_embeds.batch_size).to(self.device)
         negative = None
         if negative_prompt:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)

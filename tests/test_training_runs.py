@@ -441,3 +441,32 @@ def test_a_full_disk_and_ctrl_c_end_in_one_line_that_says_how_to_go_on(
     monkeypatch.undo()
     train.cli([*argv, "--resume_from_checkpoint", "latest"])
     assert final_embedding(out)[1] == "4"
+
+
+# ---- validation that fits the card (issue 24) ---------------------------------------------------
+
+
+def test_validation_draws_one_image_at_a_time_and_output_mode_never_runs_t5_again(
+    tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
+    from transformers import T5EncoderModel
+
+    t5_calls, batches = [], []
+    real_t5, real_pipe = T5EncoderModel.forward, train.InfinityPipeline.__call__
+
+    def counting_t5(self, *args, **kwargs):
+        t5_calls.append(1)
+        return real_t5(self, *args, **kwargs)
+
+    def recording_pipe(self, prompt, *args, **kwargs):
+        batches.append(len(prompt))
+        return real_pipe(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(T5EncoderModel, "forward", counting_t5)
+    monkeypatch.setattr(train.InfinityPipeline, "__call__", recording_pipe)
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", "--validation_steps", "1",
+        "--num_validation_images", "3", "--validation_prompt", f"a {PLACEHOLDER} on grass")  # fmt: skip
+    # T5 ran once for the initializer's start, then once per caption: 14 templates and the prompt
+    assert len(t5_calls) == 1 + len(train.TEMPLATES["object"]) + 1
+    assert batches == [1] * 3 * 3  # 3 validations (steps 0, 1, 2) x 3 images, one at a time
