@@ -75,7 +75,6 @@ from infinity_t2i.textual_inversion import (
     concept_mismatches,
     is_hub_repo_id,
     load_learned_embeds,
-    scaled_vectors,  # noqa: F401  (infer.scaled_vectors: tests/test_ti_modes.py)
 )
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ what training changes, what a saved file gives at inference, and both modes in o
 import pytest
 import torch
 
-import infer_textual_inversion as infer
 import train_textual_inversion_infinity as train
 from infinity_t2i.loading import CheckpointError
 from infinity_t2i.pipeline import InfinityPipeline
@@ -20,6 +19,7 @@ from infinity_t2i.textual_inversion import (
     initializer_pieces,
     load_learned_embeds,
     save_learned_embeds,
+    scaled_vectors,
     write_rows,
 )
 
@@ -130,7 +130,7 @@ def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir,
     # <out>:w mixes the concept with T5's own feature there (the initializer's, in context);
     # <in>:w scales the input vectors
     weights = {"<out>": 0.25, "<in>": 0.5}
-    with infer.scaled_vectors(pipe.text_encoder, {c.placeholder: c for c in concepts}, ids, weights), torch.no_grad():
+    with scaled_vectors(pipe.text_encoder, {c.placeholder: c for c in concepts}, ids, weights), torch.no_grad():
         weighted = pipe.encode_prompt([prompt]).features[0]
     write_rows(reference.text_encoder, ref_ids[:1], 0.5 * as_input.vectors)
     with torch.no_grad():
