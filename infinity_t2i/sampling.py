@@ -95,16 +95,17 @@ def sample_bits_from_logits(logits: torch.Tensor, top_k: int, top_p: float, gene
 @torch.no_grad()
 def sample(
     model: InfinityTransformer,
-    text: TextCondition,
+    text: TextCondition | Sequence[TextCondition],
     schedule: ScaleSchedule,
     settings: SamplingSettings = SamplingSettings(),  # frozen: one shared default is safe
     *,
-    negative_text: TextCondition | None = None,
+    negative_text: TextCondition | Sequence[TextCondition] | None = None,
     generator: Generators = None,
     return_logits: bool = False,
     prefix_bits: Sequence[torch.Tensor] = (),
 ) -> SamplingOutput:
-    """Generates the bits of every scale for the prompts in `text`.
+    """Generates the bits of every scale for the prompts in `text` (or in one prompt condition per
+    scale, for per-scale concept vectors: scale s reads text[s], the scales past the list its last).
 
     Guidance pairs each prompt with the unconditional rows (`cfg_uncond` cut to its length) or
     with `negative_text`: logits = cfg * cond + (1 - cfg) * uncond, both scaled by 1/tau first.
@@ -114,8 +115,9 @@ def sample(
     continues a given coarse layout. The draws still happen, so the later scales see the random
     stream of a free run.
     """
-    cfg_model, device = model.config, text.features.device
-    S, B = len(schedule), text.batch_size
+    texts = [text] if isinstance(text, TextCondition) else list(text)
+    cfg_model, device = model.config, texts[0].features.device
+    S, B = len(schedule), texts[0].batch_size
     cfgs, taus = per_scale(settings.cfg, S, "cfg"), per_scale(settings.tau, S, "tau")
     insertion = settings.cfg_insertion_layer
     layers = [insertion] if isinstance(insertion, int) else list(insertion)
@@ -126,12 +128,14 @@ def sample(
 
     guided = any(c != 1 for c in cfgs)
     if guided:
-        uncond = negative_text.to(device) if negative_text is not None else model.uncond_text(text)
-        if uncond.batch_size != B:
-            raise ValueError(f"negative prompts ({uncond.batch_size}) must match the prompts ({B})")
-        text = text.cat(uncond)
-    rows = text.batch_size  # B, or 2B with guidance
-    c = model.condition(text)
+        negatives = [negative_text] if isinstance(negative_text, TextCondition) else list(negative_text or [])
+        uncond = [n.to(device) for n in negatives] or [model.uncond_text(texts[0])]
+        if uncond[0].batch_size != B:
+            raise ValueError(f"negative prompts ({uncond[0].batch_size}) must match the prompts ({B})")
+        count = max(len(texts), len(uncond))
+        texts = [texts[min(k, len(texts) - 1)].cat(uncond[min(k, len(uncond) - 1)]) for k in range(count)]
+    rows = 2 * B if guided else B
+    conditions = model.scale_conditions(texts, S)
     rope = model.rope(schedule, device)
     block_dtype = model.blocks[0].ffn.fc1.weight.dtype
     caches = [
@@ -151,7 +155,7 @@ def sample(
     summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device).to(memory_format=torch.channels_last)
     out = SamplingOutput(bits=[], summed_codes=summed)
 
-    x = model.start_tokens(c)  # rows, 1, C
+    x = model.start_tokens(conditions[0])  # rows, 1, C
     for s, grid in enumerate(schedule.grids):
         guidance, offset, n = cfgs[s], schedule.offsets[s], schedule.lengths[s]
 
@@ -161,6 +165,7 @@ def sample(
             h = guidance * h[:B] + (1 - guidance) * h[B:]
             return torch.cat([h, h])
 
+        c = conditions[s]
         x = x + model.lvl_embed.weight[s]
         x = model.run_blocks(x, c, rope[:, offset : offset + n], kv_caches=caches, after_block=mix_hidden)
         if guidance != 1 and guide_logits:

@@ -166,12 +166,25 @@ class FFN(nn.Module):
 
 @dataclass
 class Conditioning:
-    """What every block and the head read from the prompt."""
+    """What every block and the head read from the prompt.
 
-    cond: torch.Tensor  # B, C   pooled prompt: start token and AdaLN input
-    ada: torch.Tensor  # B, 1, 6, C   shared AdaLN table (gamma1, gamma2, scale1, scale2, shift1, shift2)
-    text_kv: torch.Tensor  # B, Lt, C   cross-attention inputs
+    With per-scale text (`InfinityTransformer.forward` given one prompt condition per scale), the
+    tokens of each scale read their own: `cond` and `ada` then hold a row per token and
+    `text_kv` a prompt per scale, `segments` saying how many tokens each scale has."""
+
+    cond: torch.Tensor  # B, C   pooled prompt: start token and AdaLN input   (per token: B, L, C)
+    ada: torch.Tensor  # B, 1, 6, C   shared AdaLN table (gamma1, gamma2, scale1, scale2, shift1, shift2) (B, L, 6, C)
+    text_kv: torch.Tensor  # B, Lt, C   cross-attention inputs   (per scale: B, S, Lt, C)
     text_mask: torch.Tensor  # B, Lt
+    segments: list[int] | None = None  # per scale: the tokens of each scale
+
+    @staticmethod
+    def per_token(conditions: Sequence[Conditioning], lengths: Sequence[int]) -> Conditioning:
+        """Teacher forcing with per-scale text: scale s's tokens read conditions[s]."""
+        cond = torch.cat([c.cond.unsqueeze(1).expand(-1, n, -1) for c, n in zip(conditions, lengths)], dim=1)
+        ada = torch.cat([c.ada.expand(-1, n, -1, -1) for c, n in zip(conditions, lengths)], dim=1)
+        text_kv = torch.stack([c.text_kv for c in conditions], dim=1)
+        return Conditioning(cond, ada, text_kv, conditions[0].text_mask, list(lengths))
 
 
 class CrossAttnBlock(nn.Module):
@@ -191,7 +204,11 @@ class CrossAttnBlock(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + c.ada).unbind(2)  # B, 1, C each
         x = x + self.sa(modulate(x, scale1, shift1, self.eps).to(dtype), rope, scale_lengths, kv_cache).float() * gamma1
         ca_in = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
-        x = x + self.ca(ca_in.to(dtype), c.text_kv, c.text_mask).float()
+        if c.segments is None:
+            x = x + self.ca(ca_in.to(dtype), c.text_kv, c.text_mask).float()
+        else:  # per-scale text: each scale's tokens attend to their own scale's prompt
+            parts = ca_in.to(dtype).split(c.segments, dim=1)
+            x = x + torch.cat([self.ca(part, c.text_kv[:, s], c.text_mask) for s, part in enumerate(parts)], 1).float()
         return x + self.ffn(modulate(x, scale2, shift2, self.eps).to(dtype)).float() * gamma2
 
 
@@ -210,7 +227,10 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
 
     def forward(self, x, cond):
-        scale, shift = self.ada_lin(cond.float()).unflatten(-1, (1, 2, -1)).unbind(2)  # B, 1, C each
+        if cond.dim() == 3:  # a row per token (per-scale text)
+            scale, shift = self.ada_lin(cond.float()).unflatten(-1, (2, -1)).unbind(-2)  # B, L, C each
+        else:
+            scale, shift = self.ada_lin(cond.float()).unflatten(-1, (1, 2, -1)).unbind(2)  # B, 1, C each
         return modulate(x, scale, shift, self.eps)
 
 
@@ -275,9 +295,16 @@ class InfinityTransformer(nn.Module):
         ada = self.shared_ada_lin(cond).unflatten(-1, (1, 6, -1))
         return Conditioning(cond, ada, text_kv, text.mask)
 
+    def scale_conditions(self, texts: Sequence[TextCondition], num_scales: int) -> list[Conditioning]:
+        """One Conditioning per scale from one prompt condition per scale (the last serves the
+        scales past the list)."""
+        conditions = [self.condition(t) for t in texts[:num_scales]]
+        return conditions + conditions[-1:] * (num_scales - len(conditions))
+
     # ---- pieces shared by teacher forcing and sampling -------------------------------------------
     def start_tokens(self, c: Conditioning) -> torch.Tensor:  # -> B, 1, C
-        return c.cond.unsqueeze(1) + self.pos_start
+        cond = c.cond[:, :1] if c.cond.dim() == 3 else c.cond.unsqueeze(1)  # per token: the first scale's
+        return cond + self.pos_start
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:  # B, n, d_token -> B, n, C
         return self.word_embed(x.float())
@@ -322,19 +349,27 @@ class InfinityTransformer(nn.Module):
     # ---- teacher-forced forward (training, validation loss) --------------------------------------
     def forward(
         self,
-        text: TextCondition,
+        text: TextCondition | Sequence[TextCondition],
         x_tokens: torch.Tensor,
         schedule: ScaleSchedule,
         cond_drop_rate: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, 2d) for every scale of `schedule`, given the inputs of the scales after
-        the first, x_tokens (B, L - 1, d_token). `cond_drop_rate` swaps prompts for the
-        unconditional rows (the official trainer uses 0.1; this package never does unless asked)."""
+        the first, x_tokens (B, L - 1, d_token). `text`: the prompts, or one condition per scale
+        (per-scale concept vectors; scales past the list read its last). `cond_drop_rate` swaps
+        prompts for the unconditional rows (the official trainer uses 0.1; this package never
+        does unless asked)."""
         L = schedule.total_len
         if x_tokens.shape[1] != L - 1:
             raise ValueError(f"x_tokens has {x_tokens.shape[1]} tokens, the schedule needs {L - 1}")
-        c = self.condition(self.drop_condition(text, cond_drop_rate, generator))
+        if isinstance(text, TextCondition):
+            c = self.condition(self.drop_condition(text, cond_drop_rate, generator))
+        else:
+            if cond_drop_rate > 0:
+                raise ValueError("condition dropout takes one prompt condition, not one per scale")
+            conditions = self.scale_conditions(text, len(schedule))
+            c = Conditioning.per_token(conditions, schedule.lengths)
         x = torch.cat([self.start_tokens(c), self.embed_tokens(x_tokens)], dim=1)  # B, L, C
         x = x + self.lvl_embed(self.scale_index(schedule, x.device))
         x = self.run_blocks(x, c, self.rope(schedule, x.device), scale_lengths=schedule.lengths)

@@ -201,3 +201,31 @@ def test_condition_dropout_is_off_unless_asked():
         dropped = model(text, x, schedule, cond_drop_rate=1.0)
         uncond = model(model.uncond_text(text), x, schedule)
     assert torch.equal(dropped, uncond) and not torch.allclose(kept, uncond)
+
+
+def test_per_scale_text_equal_to_the_prompt_changes_nothing_and_each_scale_reads_its_own():
+    model, _ = build_tiny_models(seed=1)
+    schedule = get_schedule(1.0, "0.06M").prefix(5)
+    text = random_text(2, model.config.text_channels, [5, 9])
+    settings = SamplingSettings(cfg=3.0, tau=0.7)
+    shared = sample(model, text, schedule, settings, generator=torch.Generator().manual_seed(0), return_logits=True)
+    same = sample(model, [text] * 3, schedule, settings, generator=torch.Generator().manual_seed(0), return_logits=True)
+    assert all(torch.equal(a, b) for a, b in zip(shared.bits, same.bits))
+    assert all(torch.equal(a, b) for a, b in zip(shared.head_logits, same.head_logits))
+    x_tokens = teacher_forcing_inputs(shared.bits, schedule, False)
+    with torch.no_grad():
+        # teacher forcing reads per-token tables then: the same numbers up to float rounding
+        reference = model([text] * 5, x_tokens, schedule)
+        assert torch.allclose(reference, model(text, x_tokens, schedule), atol=1e-5)
+        # another prompt from scale 2 on: the first two scales' logits stay, the others move
+        other = random_text(2, model.config.text_channels, [5, 9], seed=1)
+        mixed = model([text, text, other], x_tokens, schedule)
+    start = schedule.offsets[2]
+    assert torch.equal(mixed[:, :start], reference[:, :start])
+    assert not torch.allclose(mixed[:, start:], reference[:, start:])
+    # the KV-cached sampler reads each scale's own prompt as teacher forcing does
+    out = sample(model, [text, text, other], schedule, SamplingSettings(cfg=1.0), return_logits=True,
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+    x_tokens = teacher_forcing_inputs(out.bits, schedule, False)
+    with torch.no_grad():
+        assert torch.allclose(model([text, text, other], x_tokens, schedule), torch.cat(out.head_logits, 1), atol=1e-5)
