@@ -622,7 +622,7 @@ def main(args):
                 "tokens": c.concept.tokens,
                 "token_ids": c.token_ids,
                 "file": c.concept.source,
-                "vector_norms": [round(v, 6) for v in c.concept.vectors.norm(dim=-1).tolist()],
+                "vector_norms": c.concept.vectors.norm(dim=-1).double().round(decimals=6).tolist(),  # per scale: lists
                 "metadata": c.concept.metadata,
             }
             for placeholder, c in pipe.learned_concepts.items()

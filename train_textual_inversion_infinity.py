@@ -84,12 +84,13 @@ STEP_RNG_NAME = "step_rng.safetensors"
 # Measured on the toy world (README): in output mode 8 vectors, identical copies when the
 # initializer is one piece, give the concept 8 rows of Infinity's cross-attention and beat 4 on
 # plain prompts (the unnamed blue heart 0.51 vs 0.28), while 16 lose the concept.
-DEFAULT_NUM_VECTORS = {"output": 8, "input": 1}
+DEFAULT_NUM_VECTORS = {"output": 8, "input": 1, "per_scale": 1}  # per_scale: in each scale's set
 # Flags that shape the result (concept, data, loss, optimizer): a run records them in run.json and
 # every checkpoint, and a resume with other values is refused, since it would not continue the run
 # that was saved (defaults change too).
 RECIPE_FLAGS = (
-    "placeholder_token", "initializer_token", "num_vectors", "ti_mode", "hold_norm", "learnable_property",
+    "placeholder_token", "initializer_token", "num_vectors", "ti_mode", "vector_layout", "hold_norm",
+    "learnable_property",
     "image_column", "caption_column", "pn", "aspect_ratio", "repeats", "random_flip", "center_crop",
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay", "max_grad_norm",
@@ -201,6 +202,17 @@ def parse_args(argv=None):
         help=(
             "output: learn T5's output feature at the token (T5 runs once, not per step); input: learn the token's T5 "
             "input embedding."
+        ),
+    )
+    parser.add_argument(
+        "--vector_layout",
+        type=str,
+        default="shared",
+        choices=["shared", "per_scale"],
+        help=(
+            "Output mode: shared, one set of vectors read by every generation scale; per_scale, a set for each "
+            "trained scale (the finer scales read the last), --num_vectors in each (default: one per initializer "
+            "piece)."
         ),
     )
     parser.add_argument(
@@ -420,8 +432,10 @@ def parse_args(argv=None):
         )
     if isinstance(args.train_scales, int) and args.train_scales < 2:
         parser.error("--train_scales must be at least 2 (scale 1 is the first one with image inputs)")
+    if args.vector_layout == "per_scale" and args.ti_mode != "output":
+        parser.error("--vector_layout per_scale learns T5 output features; use it with --ti_mode output")
     if args.num_vectors is None:
-        args.num_vectors = DEFAULT_NUM_VECTORS[args.ti_mode]
+        args.num_vectors = DEFAULT_NUM_VECTORS["per_scale" if args.vector_layout == "per_scale" else args.ti_mode]
     for name, (rule, holds) in NUMBER_RULES.items():
         value = getattr(args, name)
         if value is not None and not holds(value):
@@ -788,7 +802,7 @@ class ConceptTokens:
     placeholder: str
     tokens: list[str]  # <tok>, <tok>_1, ...
     token_ids: list[int]
-    start: torch.Tensor  # N, C: the vectors at step 0
+    start: torch.Tensor  # N, C: the vectors at step 0   (--vector_layout per_scale: S, N, C)
     t5_input: torch.Tensor | None  # output mode: the rows T5 reads at the tokens (the initializer's)
     vocab_norm: float  # the vocabulary's mean norm, logged beside the vectors'
 
@@ -820,6 +834,9 @@ def add_concept_tokens(args, tokenizer, text_encoder) -> ConceptTokens:
         first_caption = concept.expand(TEMPLATES[args.learnable_property][0].format(args.placeholder_token))
         ids, features = CaptionFeatures(tokenizer, text_encoder, [first_caption]).rows[first_caption]
         concept.start = torch.stack([features[int((ids == i).nonzero()[0, 0])] for i in token_ids]).cpu()
+    if args.vector_layout == "per_scale":  # a set for each trained scale, all from the same start
+        num_sets = num_training_scales(get_schedule(1.0, args.pn), args.train_scales)
+        concept.start = concept.start.expand(num_sets, -1, -1).clone()
     return concept
 
 
@@ -997,6 +1014,7 @@ def embedding_metadata(args, pipe, num_vectors: int) -> dict:
         "num_vectors": num_vectors,
         "hold_norm": args.hold_norm,
         "learnable_property": args.learnable_property,
+        "layout": args.vector_layout,
         "base_model": shareable_name(args.pretrained_model_name_or_path),
         "base_model_fingerprint": pipe.fingerprint(),
         "model_type": effective_model_type(args.pretrained_model_name_or_path, args.model_type),
@@ -1044,6 +1062,7 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
     type_flag = "" if model_type == "custom" else f" --model_type {model_type}"
     placeholder = args.placeholder_token
     where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
+    sets = f" for each of {vectors.shape[0]} generation scales" if vectors.dim() == 3 else ""
     grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
     if scores:  # mean cosine similarities, --validation_similarity_model
         prompt_score = f", to their prompt {scores['prompt_to_image']:.3f}" if "prompt_to_image" in scores else ""
@@ -1060,7 +1079,7 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
 
 A learned flan-T5 token ({where}) for {base_link}:
 write **{placeholder}** in a prompt to get the concept ({args.learnable_property}, initialised from
-"{args.initializer_token}", {vectors.shape[0]} vector(s), trained at {args.pn}).
+"{args.initializer_token}", {vectors.shape[-2]} vector(s){sets}, trained at {args.pn}).
 {grid}
 ## Use
 
@@ -1349,7 +1368,11 @@ class Validation:
             return None
         ids, text = self.caption_features([self.concept.expand(prompt)])
         token_ids = torch.tensor(self.concept.token_ids, device=ids.device)
-        return TextCondition(replace_rows(ids, text.features, token_ids, vectors.to(text.features)), text.mask)
+        texts = [
+            TextCondition(replace_rows(ids, text.features, token_ids, v.to(text.features)), text.mask)
+            for v in (vectors if vectors.dim() == 3 else vectors[None])
+        ]
+        return texts if vectors.dim() == 3 else texts[0]  # per scale: one condition per scale
 
     def log_grid(self, grid: Image.Image, step: int) -> None:
         for tracker in self.accelerator.trackers:
@@ -1501,7 +1524,7 @@ def resume_training_state(
     if saved != expected:
         raise UsageError(
             f"checkpoint {resume_path} holds {saved}, this run trains {expected}: it was made with another "
-            "--num_vectors, --ti_mode or --hold_norm"
+            "--num_vectors, --ti_mode, --vector_layout or --hold_norm"
         )
     try:
         accelerator.load_state(resume_path)
@@ -1554,7 +1577,12 @@ def training_loss(
         text = encode_prompt(pipe.tokenizer, pipe.text_encoder, captions, embed_tokens=embed_tokens)
     else:
         input_ids, text = data.caption_features(captions)
-        text = TextCondition(learned(input_ids, text.features), text.mask)
+        features = learned(input_ids, text.features)  # B, Lt, C   (per scale: S, B, Lt, C)
+        text = (
+            TextCondition(features, text.mask)
+            if features.dim() == 3
+            else [TextCondition(f, text.mask) for f in features]
+        )
     logits = pipe.transformer(text, inputs.x_tokens, schedule)
     return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
 

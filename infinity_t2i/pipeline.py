@@ -340,11 +340,12 @@ class InfinityPipeline:
                 embedding.weight[first_spare:].detach().clone(),
                 embedding.weight.requires_grad,
             )
-        ids = apply_concepts(self.tokenizer, self.text_encoder, concepts)  # checks all, then changes
+        # checks all, then changes; a concept with vectors per scale rests at its first scale's
+        ids = apply_concepts(self.tokenizer, self.text_encoder, [c.at_scale(0) for c in concepts])
         for concept in concepts:
             self.learned_concepts[concept.placeholder] = LoadedConcept(concept, ids[concept.placeholder], weight)
             if weight != 1:
-                put_concept(self.text_encoder, concept, ids[concept.placeholder], weight)
+                put_concept(self.text_encoder, concept.at_scale(0), ids[concept.placeholder], weight)
 
     def unload_textual_inversion(self, tokens: str | Sequence[str] | None = None) -> None:
         """Unloads the concepts whose placeholders are given (default: all). Without concepts the
@@ -381,8 +382,15 @@ class InfinityPipeline:
         text, weights = placeholders.take_weights(prompt)
         return placeholders.expand(text), weights
 
-    def encode_prompt(self, prompts: Sequence[str]) -> TextCondition:
-        """T5 features of the prompts, with the loaded concepts' placeholders expanded and weighted."""
+    def encode_prompt(self, prompts: Sequence[str]) -> TextCondition | list[TextCondition]:
+        """T5 features of the prompts, with the loaded concepts' placeholders expanded and weighted.
+        With a concept that has vectors per generation scale: one condition per scale (as many as
+        that concept has sets; the sampler gives the last to the scales after them)."""
+        num_scales = max((c.concept.num_scales for c in self.learned_concepts.values()), default=1)
+        texts = [self._encode_at_scale(prompts, s) for s in range(num_scales)]
+        return texts[0] if num_scales == 1 else texts
+
+    def _encode_at_scale(self, prompts: Sequence[str], scale: int) -> TextCondition:
         if not self.learned_concepts:
             text = encode_prompt(self.tokenizer, self.text_encoder, prompts)
         else:
@@ -390,17 +398,25 @@ class InfinityPipeline:
             groups = [parsed] if all(w == parsed[0][1] for _, w in parsed) else [[p] for p in parsed]
             text = None
             for group in groups:  # one T5 call per set of weights
-                condition = self._encode_weighted([t for t, _ in group], group[0][1])
+                condition = self._encode_weighted([t for t, _ in group], group[0][1], scale)
                 text = condition if text is None else text.cat(condition)
         # T5 may live on another device than the transformer (training offloads it in output mode)
         return text.to(self.device)
 
-    def _encode_weighted(self, texts: list[str], weights: dict[str, float]) -> TextCondition:
-        concepts = {p: c.concept for p, c in self.learned_concepts.items()}
+    def _encode_weighted(self, texts: list[str], weights: dict[str, float], scale: int = 0) -> TextCondition:
+        concepts = {p: c.concept.at_scale(scale) for p, c in self.learned_concepts.items()}
         token_ids = {p: c.token_ids for p, c in self.learned_concepts.items()}
         rest = {p: c.weight for p, c in self.learned_concepts.items()}
-        with scaled_vectors(self.text_encoder, concepts, token_ids, weights, rest):
-            return encode_prompt(self.tokenizer, self.text_encoder, texts)
+        # a concept with vectors per scale holds this scale's for the call, then its first scale's again
+        moved = [p for p, c in self.learned_concepts.items() if scale > 0 and c.concept.num_scales > 1]
+        try:
+            for p in moved:
+                put_concept(self.text_encoder, concepts[p], token_ids[p], rest[p])
+            with scaled_vectors(self.text_encoder, concepts, token_ids, weights, rest):
+                return encode_prompt(self.tokenizer, self.text_encoder, texts)
+        finally:
+            for p in moved:
+                put_concept(self.text_encoder, self.learned_concepts[p].concept.at_scale(0), token_ids[p], rest[p])
 
     @torch.no_grad()
     def __call__(
@@ -415,7 +431,7 @@ class InfinityPipeline:
         generator: Generators = None,
         return_bits: bool = False,
         prefix_bits: Sequence[torch.Tensor] = (),
-        prompt_embeds: TextCondition | None = None,
+        prompt_embeds: TextCondition | Sequence[TextCondition] | None = None,
         **sampling,
     ) -> InfinityPipelineOutput:
         """Generates `num_images_per_prompt` images for each prompt in one batch. `sampling`: cfg
@@ -432,8 +448,10 @@ class InfinityPipeline:
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if prompt_embeds is None:
             text = self.encode_prompt(prompts)
-        else:
+        elif isinstance(prompt_embeds, TextCondition):
             text = prompt_embeds.repeat(len(prompts) // prompt_embeds.batch_size).to(self.device)
+        else:  # one per scale
+            text = [t.repeat(len(prompts) // t.batch_size).to(self.device) for t in prompt_embeds]
         negative = None
         if negative_prompt:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)

@@ -34,7 +34,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -327,7 +327,11 @@ class LearnedVectors(nn.Module):
             self.weight.copy_(self._unit_rms(self.weight))
 
     def forward(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return replace_rows(input_ids, rows, self.token_ids, self.vectors)
+        """rows (B, L, C) with the vectors in place; per scale (vectors (S, n, C)): (S, B, L, C)."""
+        vectors = self.vectors
+        if vectors.dim() == 3:
+            return torch.stack([replace_rows(input_ids, rows, self.token_ids, v) for v in vectors])
+        return replace_rows(input_ids, rows, self.token_ids, vectors)
 
 
 @torch.no_grad()
@@ -388,11 +392,23 @@ def remove_output_rows(text_encoder) -> None:
 class LearnedConcept:
     placeholder: str  # what prompts write
     tokens: list[str]  # one per vector
-    vectors: torch.Tensor  # num_vectors, C   float32
+    vectors: torch.Tensor  # num_vectors, C   float32   (per scale, output mode: num_scales, num_vectors, C)
     metadata: dict = field(default_factory=dict)
     source: str = ""
     mode: str = "input"  # one of TI_MODES
     t5_input: torch.Tensor | None = None  # output mode: num_vectors, C   what T5 reads at the tokens
+
+    @property
+    def num_scales(self) -> int:
+        """1 for one set of vectors; per scale, the scales with their own set (the last set
+        serves the scales after them)."""
+        return self.vectors.shape[0] if self.vectors.dim() == 3 else 1
+
+    def at_scale(self, scale: int) -> LearnedConcept:
+        """The concept as generation scale `scale` reads it: one set of vectors."""
+        if self.vectors.dim() == 2:
+            return self
+        return replace(self, vectors=self.vectors[min(scale, self.vectors.shape[0] - 1)])
 
 
 def save_learned_embeds(path: str, concept: LearnedConcept) -> None:
@@ -505,27 +521,33 @@ def load_learned_embeds(
         k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]
     }
     concepts = []
+    per_scale = metadata.get("layout") == "per_scale"  # (num_scales, num_vectors, C), output mode
     for name, vectors in state.items():
-        if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2) or not vectors.is_floating_point():
-            raise CheckpointError(f"{path}: entry {name!r} is not an embedding of shape (C,) or (num_vectors, C)")
-        vectors = vectors.detach().float().reshape(-1, vectors.shape[-1])
+        dims = (3,) if per_scale else (1, 2)
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() not in dims or not vectors.is_floating_point():
+            shape = "(num_scales, num_vectors, C)" if per_scale else "(C,) or (num_vectors, C)"
+            raise CheckpointError(f"{path}: entry {name!r} is not an embedding of shape {shape}")
+        vectors = vectors.detach().float()
+        vectors = vectors if per_scale else vectors.reshape(-1, vectors.shape[-1])
+        num_vectors = vectors.shape[-2]
         if not torch.isfinite(vectors).all():
             raise CheckpointError(f"{path}: entry {name!r} holds non-finite values (NaN or inf); use an earlier save")
         placeholder = token or name
         stored = metadata.get("tokens")
         if token is None and isinstance(stored, list) and stored and stored[0] == name:
-            if len(stored) != vectors.shape[0] or not all(isinstance(t, str) for t in stored):
+            if len(stored) != num_vectors or not all(isinstance(t, str) for t in stored):
                 raise CheckpointError(
-                    f"{path}: metadata names {len(stored)} tokens for {vectors.shape[0]} vectors of {name!r}"
+                    f"{path}: metadata names {len(stored)} tokens for {num_vectors} vectors of {name!r}"
                 )
             tokens = list(stored)
         else:
-            tokens = placeholder_tokens(placeholder, vectors.shape[0])
+            tokens = placeholder_tokens(placeholder, num_vectors)
         t5_input = t5_inputs.get(name)
-        if mode == "output" and (t5_input is None or tuple(t5_input.shape) != tuple(vectors.shape)):
-            raise CheckpointError(
-                f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {tuple(vectors.shape)}"
-            )
+        rows = tuple(vectors.shape[-2:])
+        if mode == "output" and (t5_input is None or tuple(t5_input.shape) != rows):
+            raise CheckpointError(f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {rows}")
+        if per_scale and mode != "output":
+            raise CheckpointError(f"{path}: entry {name!r} has vectors per scale, which only output mode has")
         t5_input = t5_input.float() if mode == "output" else None
         concepts.append(
             LearnedConcept(placeholder, tokens, vectors, metadata, source=path, mode=mode, t5_input=t5_input)

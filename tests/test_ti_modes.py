@@ -1,12 +1,15 @@
 """The two places a concept can live (input embeddings or T5's output features), end to end:
 what training changes, what a saved file gives at inference, and both modes in one prompt."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_textual_inversion_infinity as train
 from infinity_t2i.loading import CheckpointError
 from infinity_t2i.pipeline import InfinityPipeline
+from infinity_t2i.resolution import get_schedule
 from infinity_t2i.text import encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
@@ -15,7 +18,6 @@ from infinity_t2i.textual_inversion import (
     add_placeholder_tokens,
     apply_concepts,
     ensure_embedding_rows,
-    expand_placeholders,
     initializer_pieces,
     load_learned_embeds,
     save_learned_embeds,
@@ -30,9 +32,10 @@ def state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode,batch_size", [("output", 2), ("input", 1)])
+@pytest.mark.parametrize("mode,batch_size,layout", [("output", 2, "shared"), ("input", 1, "shared"),
+                                                    ("output", 2, "per_scale")])  # fmt: skip
 def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact_conditioning(
-    mode, batch_size, tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+    mode, batch_size, layout, tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
 ):
     loaded, conditions = [], []  # the run's pipeline; the text condition of every training forward
     from_pretrained = InfinityPipeline.from_pretrained.__func__
@@ -49,7 +52,7 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
         "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
         "--placeholder_token", PLACEHOLDER, "--initializer_token", "garden", "--output_dir", str(out),
         "--pn", "0.06M", "--repeats", "2", "--seed", "0", "--ti_mode", mode, "--train_batch_size", str(batch_size),
-        "--max_train_steps", "3", "--save_steps", "1", "--learning_rate", "0.2",
+        "--max_train_steps", "3", "--save_steps", "1", "--learning_rate", "0.2", "--vector_layout", layout,
     ]))  # fmt: skip
     monkeypatch.undo()
     pipe, fresh = loaded[0], InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
@@ -66,7 +69,8 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
     concept = load_learned_embeds(str(out))[0]
     pieces = initializer_pieces(fresh.tokenizer, "garden")
     assert len(pieces) > 1 and concept.mode == mode  # at least one vector per piece, and the mode's default
-    assert len(concept.tokens) == max(len(pieces), train.DEFAULT_NUM_VECTORS[mode])
+    assert len(concept.tokens) == max(len(pieces), train.DEFAULT_NUM_VECTORS[mode if layout == "shared" else layout])
+    assert concept.num_scales == (5 if layout == "per_scale" else 1)  # the trained scales of 0.06M
     ids = pipe.tokenizer.convert_tokens_to_ids(concept.tokens)
     rows, fresh_rows = pipe.text_encoder.get_input_embeddings().weight, fresh.text_encoder.get_input_embeddings().weight
     others = torch.ones(rows.shape[0], dtype=torch.bool)
@@ -82,18 +86,19 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
     for k in (1, 2):
         pipe_k = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
         concepts = load_learned_embeds(str(out / f"learned_embeds-steps-{k}.safetensors"))
-        apply_concepts(pipe_k.tokenizer, pipe_k.text_encoder, concepts)
-        tokens = {PLACEHOLDER: concepts[0].tokens}
+        pipe_k.load_textual_inversion(concepts)
         with torch.no_grad():
-            encoded = [
-                pipe_k.encode_prompt([expand_placeholders(t.format(PLACEHOLDER), tokens)]) for t in OBJECT_TEMPLATES
-            ]
-        used = conditions[k]
-        for b in range(used.batch_size):
-            row = used.features[b, used.mask[b]].detach()
-            assert any(e.features.shape[1] == row.shape[0] and torch.equal(e.features[0], row) for e in encoded), (
-                f"step {k} caption {b}"
-            )
+            encoded = [pipe_k.encode_prompt([t.format(PLACEHOLDER)]) for t in OBJECT_TEMPLATES]
+        # per scale: the file gives each scale's condition as training had it
+        for scale, used in enumerate(conditions[k] if layout == "per_scale" else [conditions[k]]):
+            at_scale = [e[scale] if layout == "per_scale" else e for e in encoded]
+            for b in range(used.batch_size):
+                row = used.features[b, used.mask[b]].detach()
+                assert any(e.features.shape[1] == row.shape[0] and torch.equal(e.features[0], row) for e in at_scale), (
+                    f"step {k} caption {b} scale {scale}"
+                )
+        if layout == "per_scale":  # the sets moved apart: every scale has its own
+            assert not torch.equal(concepts[0].vectors[0], concepts[0].vectors[-1])
 
 
 def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir, tmp_path):
@@ -153,3 +158,44 @@ def test_an_output_mode_file_needs_its_t5_input_rows(tmp_path):
     save_file({"<x>": torch.zeros(1, 8)}, path, metadata={"ti_mode": "sideways"})
     with pytest.raises(CheckpointError, match="unknown ti_mode"):
         load_learned_embeds(path)
+
+
+def test_per_scale_vectors_start_where_the_shared_set_starts(tiny_pipeline_dir, concept_dir, tmp_path):
+    # at step 0 every scale's set is the shared set: the validation images are the same, bit for bit
+    grids = {}
+    for layout in ("shared", "per_scale"):
+        out = tmp_path / layout
+        train.main(train.parse_args([
+            "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
+            "--placeholder_token", PLACEHOLDER, "--initializer_token", "dog", "--output_dir", str(out),
+            "--pn", "0.06M", "--seed", "0", "--max_train_steps", "1", "--num_vectors", "2", "--vector_layout", layout,
+            "--validation_prompt", f"a photo of a {PLACEHOLDER}", "--num_validation_images", "2",
+        ]))  # fmt: skip
+        grids[layout] = np.asarray(Image.open(out / "validation" / "step-000000.png"))
+    assert np.array_equal(grids["shared"], grids["per_scale"])
+
+
+def test_a_per_scale_concept_beside_a_shared_one_and_prompts_without_them(tiny_pipeline_dir):
+    base = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+    pipe = InfinityPipeline.from_pretrained(str(tiny_pipeline_dir))
+    width = pipe.text_encoder.config.d_model
+    g = torch.Generator().manual_seed(0)
+    per_scale = LearnedConcept("<ps>", ["<ps>"], torch.randn(3, 1, width, generator=g), {"layout": "per_scale"},
+                               mode="output", t5_input=torch.randn(1, width, generator=g))  # fmt: skip
+    shared = LearnedConcept("<sh>", ["<sh>"], torch.randn(1, width, generator=g), mode="output",
+                            t5_input=torch.randn(1, width, generator=g))  # fmt: skip
+    pipe.load_textual_inversion([per_scale, shared])
+    schedule = get_schedule(1.0, "0.06M").prefix(4)
+    with torch.no_grad():
+        texts = pipe.encode_prompt(["a <ps>:0.5 and a <sh> on grass"])
+        plain = pipe.encode_prompt(["a dog on grass"])
+        assert len(texts) == 3 and len(plain) == 3  # a condition per set of <ps>; the sampler reuses the last
+        assert all(torch.equal(p.features, base.encode_prompt(["a dog on grass"]).features) for p in plain)
+        assert torch.equal(texts[0].features[:, 3:], texts[2].features[:, 3:])  # <sh> and the words: every scale
+        assert not torch.equal(texts[0].features[0, 1], texts[2].features[0, 1])  # <ps>: its scale's set
+        # at weight 0.5, <ps> is half its scale's vector, half T5's own feature there
+        assert torch.allclose(texts[1].features[0, 1] * 2 - per_scale.vectors[1, 0], texts[2].features[0, 1] * 2
+                              - per_scale.vectors[2, 0], atol=1e-5)  # fmt: skip
+        images = pipe("a dog on grass", seed=0, schedule=schedule).images
+        expected = base("a dog on grass", seed=0, schedule=schedule).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
