@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from infinity_t2i.pipeline import InfinityPipeline, generate_images
-from infinity_t2i.textual_inversion import apply_concepts, expand_placeholders, load_learned_embeds
 from toy_infinity import world as toy_world
 from toy_infinity.recogniser import FidelityScorer
 
@@ -52,7 +51,7 @@ def train_concept(model: str, concepts_dir: str, name: str, output_dir: str, *ex
         "--train_data_dir", os.path.join(concepts_dir, name),
         "--placeholder_token", f"<{name}>",
         "--initializer_token", concept.initializer,
-        "--output_dir", output_dir,
+        "--output_dir", output_dir, "--overwrite_output_dir",  # a benchmark runs a setting's seed again
         *TOY_TRAINING_ARGS,
         *extra_args,
     ]  # fmt: skip
@@ -75,15 +74,12 @@ def generate(pipe, prompt: str, num_images: int, seed: int) -> list[Image.Image]
 
 
 def with_learned_concept(model: str, embedding: str, template: str = PROMPT_TEMPLATE):
-    """A pipeline of `model` with the learned concept of `embedding` put in place as the inference
-    script does it, `template` filled with the concept's placeholder (all its tokens), and the
-    placeholder."""
+    """A pipeline of `model` with the learned concept of `embedding` loaded as the inference
+    script loads it (`load_textual_inversion`: the pipeline expands the placeholder), `template`
+    filled with the concept's placeholder, and the placeholder."""
     pipe = InfinityPipeline.from_pretrained(model)
-    concepts = load_learned_embeds(embedding)
-    apply_concepts(pipe.tokenizer, pipe.text_encoder, concepts)
-    placeholder = concepts[0].placeholder
-    prompt = expand_placeholders(template.format(placeholder), {c.placeholder: c.tokens for c in concepts})
-    return pipe, prompt, placeholder
+    (placeholder,) = pipe.load_textual_inversion(embedding)
+    return pipe, template.format(placeholder), placeholder
 
 
 def before_and_after(
