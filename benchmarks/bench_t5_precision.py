@@ -2,6 +2,7 @@
 
     python benchmarks/bench_t5_precision.py                      # both scales, 24 layers (~6 min on 2 CPU cores)
     python benchmarks/bench_t5_precision.py --num_layers 6 --scale realistic   # quick look
+    python benchmarks/bench_t5_precision.py --scale realistic --grad_scale 1e-3 1e-4 1e-5 1e-6   # underflow
 
 No weights can be downloaded here, so the encoder is a flan-t5-xl-shaped `T5EncoderModel` (d_model 2048, d_ff 5120,
 24 layers, 32 heads of 64, gated-gelu, vocab 32128) with random weights, run on six prompts of 3 to 60 tokens (random
@@ -49,6 +50,21 @@ realistic  the default init rescaled so the activations match what has been repo
   bias and the RMSNorm weights keep the default init. Why HF keeps `wo` in float32: transformers issue #20287
   (flan-t5-xxl), T5 was trained with bfloat16 activations (google-research/text-to-text-transfer-transformer #539).
 
+Gradient magnitude (`--grad_scale S ...`): R has unit RMS, so the default gradient at T5's output is of order 1 and
+nothing underflows. Textual inversion's real loss sends back much less (d loss / d feature RMS 1.3e-4 to 3.3e-4
+measured on the toy model, estimated 1e-5 to 3e-5 for Infinity-2B: docs/hardware.md), and the float16 model holds
+the gradient in float16 at its output, inside every attention and FFN sub-layer and at its input, where float16
+flushes values below 2**-25 ~ 3e-8 to zero and keeps fewer digits below its smallest normal 2**-14 ~ 6.1e-5. Each S
+re-runs the backward of the same forward with R * S, in every precision (float32 too, the reference at that S), and
+prints a second table: the input gradient's relative L2 error against float32, the fraction of its entries that are
+exactly zero where float32's are not, the fraction of attention-output gradients (the `o` projection's output,
+float16 in the fp16 models) that are exactly zero, and the same with a loss scale: R * S * 2**k before the backward
+and the gradient divided by 2**k after (exact, a power of two). `--loss_scale` picks k: `auto` brings the gradient
+at T5's output back to unit RMS, k = round(-log2(S * rms(R))) (what a per-step scale computed from the incoming
+gradient would do); a number is a static scale, e.g. 65536 (= GradScaler's initial 2**16). Each S adds a backward
+per precision and loss scale (a few seconds each at 24 layers; the 12 S of docs/hardware.md took 30 minutes on 2
+shared CPU cores).
+
 For scale: on the real T5 v1.1 XXL encoder, NovelAI/t5's README measures |diff| to float32 of 5e-5 (median) to
 6.5e-4 (99.99th percentile) for HF fp16 and 6e-4 to 8e-3 for pure bf16.
 
@@ -90,7 +106,34 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    return parser.parse_args()
+    parser.add_argument(
+        "--grad_scale",
+        type=float,
+        nargs="+",
+        default=[],
+        help="also backpropagate R * S for each S (the RMS of d loss / d feature), e.g. 1e-4 1e-6 1e-8",
+    )
+    parser.add_argument(
+        "--loss_scale",
+        nargs="+",
+        default=["auto"],
+        help="with --grad_scale: loss scales to try, 'auto' (back to unit RMS) or a number (a power of two)",
+    )
+    args = parser.parse_args()
+    if any(not (s > 0 and math.isfinite(s)) for s in args.grad_scale):
+        parser.error("--grad_scale takes positive finite numbers")
+    for value in args.loss_scale:
+        if value != "auto" and not (_float_or_none(value) or 0) > 0:
+            parser.error(f"--loss_scale {value}: 'auto' or a positive number")
+    return args
+
+
+def _float_or_none(value: str) -> float | None:
+    try:
+        result = float(value)
+    except ValueError:
+        return None
+    return result if math.isfinite(result) else None
 
 
 def flan_t5_xl_config(num_layers: int) -> T5Config:
@@ -180,6 +223,10 @@ class Run:
     residual_rms: list[float]  # per block, RMS of its output (before any clamp)
     ffn_act_max: float  # largest |wo input|
     residual_dtypes: set
+    # with --grad_scale, per (S, loss scale or None): the input gradient of sum(features * R * S) divided by the
+    # loss scale, with that factor; and the fraction of attention-output gradient entries (real tokens) that are 0
+    scaled_grads: dict = None
+    attn_zero_fraction: dict = None
 
 
 class ActivationProbe:
@@ -219,10 +266,48 @@ class ActivationProbe:
             handle.remove()
 
 
-def run_encoder(model, inputs32, mask, readout, autocast_dtype=None) -> Run:
-    """Features, and the gradient of sum(features * readout) with respect to the float32 input embeddings."""
+class AttentionGradProbe:
+    """Backward hooks counting exactly-zero entries of the gradient at each attention output projection's output
+    (real tokens): float16 in the fp16 models, where the gradient flushes to zero first."""
+
+    def __init__(self, model: T5EncoderModel, mask: torch.Tensor):
+        self.mask = mask
+        self.zeros = self.total = 0
+        self.handles = [
+            block.layer[0].SelfAttention.o.register_full_backward_pre_hook(self._hook) for block in model.encoder.block
+        ]
+
+    def _hook(self, module, grad_output):
+        grad = grad_output[0].detach()[self.mask]
+        self.zeros += (grad == 0).sum().item()
+        self.total += grad.numel()
+
+    def take(self) -> float:
+        fraction = self.zeros / max(self.total, 1)
+        self.zeros = self.total = 0
+        return fraction
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def loss_scale_factor(loss_scale: str | None, grad_rms: float) -> float:
+    """A power of two: 1 without a loss scale; 'auto' brings a gradient of RMS grad_rms to about 1."""
+    if loss_scale is None:
+        return 1.0
+    if loss_scale == "auto":
+        return 2.0 ** round(-math.log2(grad_rms))
+    return float(loss_scale)
+
+
+def run_encoder(model, inputs32, mask, readout, autocast_dtype=None, grad_scales=(), loss_scales=()) -> Run:
+    """Features, and the gradient of sum(features * readout) with respect to the float32 input embeddings (and of
+    sum(features * readout * S) for each S of grad_scales, plain and under each of loss_scales)."""
     model.requires_grad_(False)
     probe = ActivationProbe(model, mask)
+    sweep = [(scale, loss_scale) for scale in grad_scales for loss_scale in (None, *loss_scales)]
+    attention_probe = AttentionGradProbe(model, mask) if sweep else None
     leaf = inputs32.clone().requires_grad_(True)
     embed_dtype = model.get_input_embeddings().weight.dtype
     if autocast_dtype is None:
@@ -232,15 +317,29 @@ def run_encoder(model, inputs32, mask, readout, autocast_dtype=None) -> Run:
     with context:
         out = model(inputs_embeds=leaf.to(embed_dtype), attention_mask=mask.long())
     features = out.last_hidden_state.float()
-    (features * readout)[mask].sum().backward()
+    (features * readout)[mask].sum().backward(retain_graph=bool(sweep))
     probe.remove()
+    grad = leaf.grad[mask].cpu()
+    scaled_grads, attn_zero_fraction = {}, {}
+    if sweep:
+        attention_probe.take()
+        readout_rms = readout[mask].pow(2).mean().sqrt().item()
+        for i, (scale, loss_scale) in enumerate(sweep):
+            factor = loss_scale_factor(loss_scale, scale * readout_rms)
+            leaf.grad = None
+            (features * (readout * (scale * factor)))[mask].sum().backward(retain_graph=i + 1 < len(sweep))
+            scaled_grads[scale, loss_scale] = (leaf.grad[mask].cpu() / factor, factor)
+            attn_zero_fraction[scale, loss_scale] = attention_probe.take()
+        attention_probe.remove()
     return Run(
         features=features.detach()[mask].cpu(),
-        grad=leaf.grad[mask].cpu(),
+        grad=grad,
         residual_max=probe.residual_max,
         residual_rms=probe.residual_rms,
         ffn_act_max=probe.ffn_act_max,
         residual_dtypes=probe.dtypes,
+        scaled_grads=scaled_grads,
+        attn_zero_fraction=attn_zero_fraction,
     )
 
 
@@ -274,7 +373,8 @@ def bench_scale(args, scale: str) -> tuple[dict[str, Run], dict[str, float]]:
     gen = torch.Generator().manual_seed(args.seed + 3)
     readout = torch.randn(inputs32.shape, generator=gen).to(device)  # R
 
-    runs = {"fp32 (reference)": run_encoder(model, inputs32, mask, readout)}
+    sweep = {"grad_scales": args.grad_scale, "loss_scales": args.loss_scale}
+    runs = {"fp32 (reference)": run_encoder(model, inputs32, mask, readout, grad_scales=args.grad_scale)}
     info = {
         "embedding row norm": model.shared.weight.norm(dim=-1).mean().item(),
         "fp32 feature RMS": runs["fp32 (reference)"].features.pow(2).mean().sqrt().item(),
@@ -287,19 +387,21 @@ def bench_scale(args, scale: str) -> tuple[dict[str, Run], dict[str, float]]:
 
         model = T5EncoderModel.from_pretrained(tmp, dtype=torch.float16).eval().to(device)
         check_dtypes(model, torch.float32, torch.float16)  # what from_pretrained(dtype=float16) gives flan-T5
-        runs["fp16 (HF, wo fp32)"] = run_encoder(model, inputs32, mask, readout)
-        runs["fp16 + autocast bf16"] = run_encoder(model, inputs32, mask, readout, autocast_dtype=torch.bfloat16)
+        runs["fp16 (HF, wo fp32)"] = run_encoder(model, inputs32, mask, readout, **sweep)
+        runs["fp16 + autocast bf16"] = run_encoder(
+            model, inputs32, mask, readout, autocast_dtype=torch.bfloat16, **sweep
+        )
         for block in model.encoder.block:
             block.layer[-1].DenseReluDense.wo.half()
         check_dtypes(model, torch.float16, torch.float16)
-        fp16_everywhere = run_encoder(model, inputs32, mask, readout)
+        fp16_everywhere = run_encoder(model, inputs32, mask, readout, **sweep)
         del model
         collect_garbage()
 
         model = T5EncoderModel.from_pretrained(tmp, dtype=torch.bfloat16).eval().to(device)
         model.to(torch.bfloat16)  # in case a transformers version keeps wo in float32 for bfloat16 too
         check_dtypes(model, torch.bfloat16, torch.bfloat16)
-        runs["bf16"] = run_encoder(model, inputs32, mask, readout)
+        runs["bf16"] = run_encoder(model, inputs32, mask, readout, **sweep)
         del model
         collect_garbage()
     runs["fp16, wo fp16 too"] = fp16_everywhere
@@ -339,6 +441,36 @@ def table_row(scale: str, name: str, run: Run, ref: Run) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+FP16_MIN_NORMAL = torch.finfo(torch.float16).tiny  # 2**-14
+
+
+def scaled_rows(scale_name: str, name: str, run: Run, ref: Run) -> list[str]:
+    """One row per (S, loss scale): the input gradient of sum(features * R * S) against float32's at the same S."""
+    rows = []
+    for scale, loss_scale in run.scaled_grads:
+        (grad, factor), (ref_grad, _) = run.scaled_grads[scale, loss_scale], ref.scaled_grads[scale, None]
+        finite = torch.isfinite(grad).all().item()
+        error = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+        lost = ((grad == 0) & (ref_grad != 0)).float().mean().item()
+        ref_rms = ref_grad.pow(2).mean().sqrt().item()
+        below_normal = (ref_grad.abs() < FP16_MIN_NORMAL).float().mean().item()
+        ls_label = "none" if loss_scale is None else f"{loss_scale} (2^{round(math.log2(factor))})"
+        cells = [
+            scale_name,
+            name,
+            fmt(scale),
+            fmt(ref_rms),
+            f"{below_normal:.1%}",
+            ls_label,
+            fmt(error),
+            f"{lost:.1%}",
+            f"{run.attn_zero_fraction[scale, loss_scale]:.1%}",
+            "yes" if finite else "no",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def main():
     args = parse_args()
     if args.device == "cpu":
@@ -347,7 +479,7 @@ def main():
     hf_logging.disable_progress_bar()
     scales = ["default", "realistic"] if args.scale == "both" else [args.scale]
     start = time.time()
-    rows = []
+    rows, sweep_rows = [], []
     for scale in scales:
         scale_start = time.time()
         runs, info = bench_scale(args, scale)
@@ -363,6 +495,8 @@ def main():
             print(f"[{scale}] {name}: residual stream dtypes {sorted(run.residual_dtypes)}")
         print(f"[{scale}] {time.time() - scale_start:.0f} s\n")
         rows += [table_row(scale, name, run, ref) for name, run in runs.items()]
+        for name, run in runs.items():
+            sweep_rows += scaled_rows(scale, name, run, ref)
 
     header = [
         "scale",
@@ -385,6 +519,23 @@ def main():
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     print("\n".join(rows))
+    if sweep_rows:
+        header = [
+            "scale",
+            "precision",
+            "S (d loss / d feature RMS)",
+            "fp32 input-grad RMS",
+            "fp32 input grads < 6.1e-5",
+            "loss scale",
+            "input-grad rel. error",
+            "input grads zeroed",
+            "attn-output grads zeroed",
+            "finite",
+        ]
+        print("\ninput gradient of sum(features * R * S), against float32 at the same S:\n")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        print("\n".join(sweep_rows))
     print(f"\ntotal {time.time() - start:.0f} s")
 
 
