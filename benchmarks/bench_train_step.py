@@ -128,6 +128,9 @@ class Setup:
             text_encoder.resize_token_embeddings(self.token_id + 1)
         self.learned = LearnedVectors([self.token_id], embedding.weight[:1].float().clone()).to(device)
         self.optimizer = torch.optim.AdamW(self.learned.parameters(), lr=1e-3)
+        start = embedding.weight[:1].float().expand(len(self.schedule), -1, -1).clone()  # a set per scale
+        self.learned_per_scale = LearnedVectors([self.token_id], start).to(device)
+        self.optimizer_per_scale = torch.optim.AdamW(self.learned_per_scale.parameters(), lr=1e-3)
         self.device = device
         with torch.no_grad():  # output mode: the caption's T5 features, encoded once
             self.input_ids = torch.tensor([tokenizer(PROMPT).input_ids], device=device)
@@ -159,6 +162,13 @@ class Setup:
         self.loss(text, self.features).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def ours_per_scale(self):
+        """--vector_layout per_scale: output mode with a vector for every scale."""
+        rows = self.learned_per_scale(self.input_ids, self.cached.features)  # S, 1, Lt, C
+        self.loss([TextCondition(r, self.cached.mask) for r in rows], self.features).backward()
+        self.optimizer_per_scale.step()
+        self.optimizer_per_scale.zero_grad(set_to_none=True)
 
     def naive(self):
         """Diffusers-style: the whole (trainable) embedding matrix in AdamW, other rows restored
@@ -248,7 +258,8 @@ class LiveStorageBytes(TorchDispatchMode):
 
 def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, int]:
     """(weight bytes, step peak bytes, tokens) of a TI step of the 2B shapes, on fake tensors. In
-    output mode T5 is not on the device (the captions were encoded before the loop)."""
+    output mode T5 is not on the device (the captions were encoded before the loop); `per_scale`
+    is output mode with a vector for every scale (--vector_layout per_scale)."""
     from transformers import T5EncoderModel
 
     with torch.device("meta"):
@@ -261,10 +272,11 @@ def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, 
         transformer.to_empty(device="cpu")
         t5.to_empty(device="cpu")
         schedule = get_schedule(1.0, pn)
-        on_device = (transformer, vae) if ti_mode == "output" else (transformer, t5, vae)
+        on_device = (transformer, t5, vae) if ti_mode == "input" else (transformer, vae)
         weights = sum(t.numel() * t.element_size() for m in on_device for t in m.state_dict().values())
         token_id = 32100
-        learned = LearnedVectors([token_id], torch.zeros(1, 2048))
+        shape = (len(schedule), 1, 2048) if ti_mode == "per_scale" else (1, 2048)
+        learned = LearnedVectors([token_id], torch.zeros(shape))
         optimizer = torch.optim.AdamW(learned.parameters(), lr=1e-3)
         input_ids = torch.tensor(
             [[3, 9, 1712, 13, 3, 9, token_id, 30, 8, 2608, 1]]
@@ -285,12 +297,14 @@ def trace_memory(pn: str, checkpointing: bool, ti_mode: str) -> tuple[int, int, 
         ]
         tracker = LiveStorageBytes(existing)
         with tracker:
-            if ti_mode == "output":
-                hidden = learned(input_ids, cached)
-            else:
+            if ti_mode == "input":
                 embeds = learned(input_ids, t5.get_input_embeddings()(input_ids))
-                hidden = t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
-            logits = transformer(TextCondition(hidden, mask), x_tokens, schedule)
+                text = TextCondition(t5(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float(), mask)
+            elif ti_mode == "output":
+                text = TextCondition(learned(input_ids, cached), mask)
+            else:
+                text = [TextCondition(rows, mask) for rows in learned(input_ids, cached)]
+            logits = transformer(text, x_tokens, schedule)
             bitwise_loss(logits, labels, schedule, True).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -308,15 +322,15 @@ def main():
     if args.trace_memory:
         print("Infinity-2B + flan-t5-xl encoder (bf16) + BSQ-VAE (fp32), batch 1, traced on fake tensors")
         print(
-            f"{'pn':>6} {'tokens':>6} | {'ti_mode':>7} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} "
+            f"{'pn':>6} {'tokens':>6} | {'ti_mode':>9} | {'checkpointing':>13} | {'weights':>9} {'step peak':>10} "
             f"{'total':>9}"
         )
         for pn in args.pn:
-            for ti_mode in ("input", "output"):
+            for ti_mode in ("input", "output", "per_scale"):
                 for checkpointing in (False, True):
                     weights, peak, tokens = trace_memory(pn, checkpointing, ti_mode)
                     print(
-                        f"{pn:>6} {tokens:>6} | {ti_mode:>7} | {checkpointing!s:>13} | {gib(weights):>9} "
+                        f"{pn:>6} {tokens:>6} | {ti_mode:>9} | {checkpointing!s:>13} | {gib(weights):>9} "
                         f"{gib(peak):>10} {gib(weights + peak):>9}"
                     )
         return

@@ -2,7 +2,8 @@
 device, for the Infinity-2B architecture with random weights (bf16 blocks, flan-T5-XL shapes).
 
 For each resolution: the no-grad forward of one training example (T5 + transformer + loss), then
-the TI step (forward, backward, AdamW on the learned vector) in each --ti_mode, with and without
+the TI step (forward, backward, AdamW on the learned vector) in each --ti_mode, and output mode with
+a vector per scale (--vector_layout per_scale, the row "per_scale"), with and without
 --gradient_checkpointing: seconds (median), peak allocated memory, and the step / forward ratio.
 Then seconds per generated image (CFG 3, VAE decode). Random weights: time and memory do not
 depend on them.
@@ -66,14 +67,15 @@ def main(argv=None) -> list[dict]:
         setup = out_of_memory_guard(Setup, *models, pn, args.device)
         transformer.gradient_checkpointing = False
         forward = out_of_memory_guard(measure, setup.forward, args.device, args.repeats) if setup else None
-        for ti_mode in ("output", "input"):
+        for ti_mode in ("output", "per_scale", "input"):  # per_scale: output mode, --vector_layout per_scale
             # as the training script: output mode moves T5 off the GPU once the captions are encoded
-            text_encoder.to("cpu" if ti_mode == "output" else args.device)
+            text_encoder.to(args.device if ti_mode == "input" else "cpu")
             if cuda:
                 torch.cuda.empty_cache()
             for checkpointing in (False, True):
                 transformer.gradient_checkpointing = checkpointing
-                step = (setup.ours_output_mode if ti_mode == "output" else setup.ours) if setup else None
+                steps = {"output": "ours_output_mode", "per_scale": "ours_per_scale", "input": "ours"}
+                step = getattr(setup, steps[ti_mode]) if setup else None
                 result = out_of_memory_guard(measure, step, args.device, args.repeats) if step else None
                 if result is None and setup is not None:
                     setup.optimizer.zero_grad(set_to_none=True)
