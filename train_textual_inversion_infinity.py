@@ -1510,10 +1510,11 @@ def make_optimizer(args, learned: LearnedVectors, num_batches: int, num_processe
 
 
 def resume_training_state(
-    args, accelerator: Accelerator, learned, resume_path: str | None, step_rng: torch.Generator, steps_per_epoch: int
+    args, accelerator: Accelerator, learned, run: RunStart, step_rng: torch.Generator, steps_per_epoch: int
 ) -> tuple[int, int, int]:
     """Loads a checkpoint's vectors, optimizer, schedule and random states; returns the step it
     was saved at, the epoch to go on with and the batches of that epoch already done."""
+    resume_path = run.resume_path
     if resume_path is None:
         if args.resume_from_checkpoint:
             accelerator.print("No checkpoint found; starting the run from step 0.")
@@ -1538,7 +1539,7 @@ def resume_training_state(
             "earlier checkpoint"
         )
     step_rng.set_state(load_file(os.path.join(resume_path, STEP_RNG_NAME))[f"process_{accelerator.process_index}"])
-    global_step = checkpoint_step(resume_path, checkpoint_run(resume_path))
+    global_step = checkpoint_step(resume_path, run.saved)  # the record start_or_resume_run read
     first_epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
     return global_step, first_epoch, steps_into_epoch * args.gradient_accumulation_steps
 
@@ -1679,7 +1680,7 @@ def main(args):
 
     # 9. Resume.
     global_step, first_epoch, skip_batches = resume_training_state(
-        args, accelerator, learned, run.resume_path, step_rng, steps_per_epoch
+        args, accelerator, learned, run, step_rng, steps_per_epoch
     )
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running textual inversion *****")
