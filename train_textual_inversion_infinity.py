@@ -15,7 +15,6 @@ half of the scales (--train_scales half), where a concept's colour, layout and s
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -840,10 +839,42 @@ def add_concept_tokens(args, tokenizer, text_encoder) -> ConceptTokens:
     return concept
 
 
-def embed_with_learned(learned: LearnedVectors, embedding: torch.nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
-    """Input mode: T5's input embedding with the learned rows in place, in T5's dtype, as inference
-    writes them (accelerate returns float32 under mixed precision)."""
-    return learned(input_ids, embedding(input_ids)).to(embedding.weight.dtype)
+class HalfGradientScale:
+    """The backward through a float16 T5 at a power of two. Textual inversion's gradient at T5's
+    output is small (d loss / d feature RMS 1e-5 to 1e-4 on Infinity-2B) and flushes to zero in
+    float16's range (docs/hardware.md, T5 precision). Each backward multiplies it by the power of
+    two that brings it to unit RMS, chosen from the gradient itself (no scaler state, no skipped
+    steps), and divides it out in float32 at T5's input: exact, as powers of two are."""
+
+    def __init__(self):
+        self.exponent = 0
+
+    def at_output(self, grad: torch.Tensor) -> torch.Tensor:
+        rms = grad.float().pow(2).mean().sqrt().item()
+        self.exponent = round(-math.log2(rms)) if 0 < rms < math.inf else 0
+        return grad * 2.0**self.exponent
+
+    def at_input(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2.0**-self.exponent
+
+
+def encode_with_learned(tokenizer, text_encoder, learned: LearnedVectors, captions: list[str]) -> TextCondition:
+    """Input mode: T5 run on its input embedding with the learned rows in place, in T5's dtype as
+    inference writes them (accelerate returns float32 under mixed precision); a float16 T5
+    backpropagates at a power of two (HalfGradientScale)."""
+    embedding = text_encoder.get_input_embeddings()
+    scale = HalfGradientScale() if embedding.weight.dtype == torch.float16 else None
+
+    def embed_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+        rows = learned(input_ids, embedding(input_ids).float())  # float32: the scale divides out exactly
+        if scale is not None and rows.requires_grad:
+            rows.register_hook(scale.at_input)
+        return rows.to(embedding.weight.dtype)
+
+    text = encode_prompt(tokenizer, text_encoder, captions, embed_tokens=embed_tokens)
+    if scale is not None and text.features.requires_grad:
+        text.features.register_hook(scale.at_output)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1573,9 +1604,7 @@ def training_loss(
     captions = data.captions(indices, TEMPLATES[args.learnable_property], args.placeholder_token, step_rng)
     captions = [concept.expand(c) for c in captions]
     if data.caption_features is None:  # input mode: T5 runs with the learned rows
-        embedding = pipe.text_encoder.get_input_embeddings()
-        embed_tokens = functools.partial(embed_with_learned, learned, embedding)
-        text = encode_prompt(pipe.tokenizer, pipe.text_encoder, captions, embed_tokens=embed_tokens)
+        text = encode_with_learned(pipe.tokenizer, pipe.text_encoder, learned, captions)
     else:
         input_ids, text = data.caption_features(captions)
         features = learned(input_ids, text.features)  # B, Lt, C   (per scale: S, B, Lt, C)
