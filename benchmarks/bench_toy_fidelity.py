@@ -18,6 +18,11 @@ everywhere.
     python benchmarks/bench_toy_fidelity.py                                      # default recipe, seeds 0 1 2
     python benchmarks/bench_toy_fidelity.py --setting input="--ti_mode input" --setting "free=--no-hold_norm"
     python benchmarks/bench_toy_fidelity.py --setting from-words='--initializer_token "{description}"'
+    python benchmarks/bench_toy_fidelity.py --fresh cross:pink --fresh heart:yellow --render_seeds 7000 9000
+
+--fresh renders concepts afresh, one image set per --render_seeds (beside any --concepts_dir), so
+that a default is chosen over several image sets of a concept, not tuned to one. A second table
+says, per setting, where the owners' bar is met (see `meets_the_bar`).
 
 Each run is the training script in its own process (200 steps, batch 4, 0.06M: the issue's
 budget) and takes about a minute on 2 CPU cores; the raw scores go to results.json.
@@ -84,10 +89,27 @@ def parse_args():
     p.add_argument("--pretrained_model_name_or_path", default=os.path.join(ROOT, "examples", "toy-infinity"))
     p.add_argument(
         "--concepts_dir",
-        default=os.path.join(ROOT, "examples", "concepts"),
-        help="Concept folders and their concepts.json, as `python -m toy_infinity.world` writes them.",
+        action="append",
+        help=(
+            "Concept folders and their concepts.json, as `python -m toy_infinity.world` writes them (repeatable). "
+            "Default: examples/concepts, unless --fresh is given."
+        ),
     )
-    p.add_argument("--concept", action="append", help="A concept of --concepts_dir (repeatable). Default: all.")
+    p.add_argument("--concept", action="append", help="Only this concept of each set (repeatable). Default: all.")
+    p.add_argument(
+        "--fresh",
+        type=toy_world.concept_spec,
+        action="append",
+        default=[],
+        help="KIND:COLOUR (repeatable): concepts rendered afresh, one image set per --render_seeds.",
+    )
+    p.add_argument(
+        "--render_seeds",
+        type=int,
+        nargs="+",
+        default=[7000, 9000],
+        help="World seeds of the --fresh image sets (written under --output_dir/sets/render-SEED).",
+    )
     p.add_argument(
         "--setting",
         action="append",
@@ -101,15 +123,93 @@ def parse_args():
     p.add_argument("--num_images", type=int, default=32, help="Images per prompt (sampling seeds 0, 1, ...).")
     p.add_argument("--output_dir", default=os.path.join(ROOT, "outputs", "toy-fidelity"))
     p.add_argument(
-        "--table_only", action="store_true", help="Print the table of the settings from results.json; run nothing."
+        "--table_only", action="store_true", help="Print the tables of the settings from results.json; run nothing."
     )
     return p.parse_args()
+
+
+def image_sets(args) -> list[str]:
+    """The concept folders to run: the given ones, and the --fresh concepts rendered once per render seed."""
+    folders = list(args.concepts_dir or ([] if args.fresh else [os.path.join(ROOT, "examples", "concepts")]))
+    for seed in args.render_seeds if args.fresh else []:
+        folder = os.path.join(args.output_dir, "sets", f"render-{seed}")
+        if not os.path.exists(os.path.join(folder, "concepts.json")):
+            toy_world.write_concepts(folder, args.fresh, 8, seed)
+        folders.append(folder)
+    return folders
+
+
+def meets_the_bar(concept, words: float, run_means: list[float], followed: list[float]) -> bool:
+    """The owners' bar for the default recipe: on a nameable concept never worse than the words
+    (mean >= words - 0.02, worst run >= words - 0.10); on an unnamed kind mean >= 0.6, worst
+    >= 0.4; the background word followed in >= 90% of images."""
+    mean, worst = sum(run_means) / len(run_means), min(run_means)
+    drawn = mean >= words - 0.02 and worst >= words - 0.10 if concept.nameable else mean >= 0.6 and worst >= 0.4
+    return drawn and min(followed) >= 0.9
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def print_tables(results: dict, rows: list[tuple[str, str, object]], settings: list[str], args) -> None:
+    print(
+        f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training "
+        f"seeds {args.seeds} (worst run)\n"
+    )
+    print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
+    print("|---|---|---|" + "---|" * len(settings) + "---|")
+    rows = [row for row in rows if row[0] in results]  # --table_only: the rows that have run
+    groups = {"plain": "plain", "background": "on a background", "background_followed": "P(that background)"}
+    for key, label, _ in rows:
+        entry = results[key]
+        for group, group_label in groups.items():
+            runs = {s: [run[group] for run in entry["runs"].get(s, {}).values() if group in run] for s in settings}
+            cells = [run_cell(runs[s]) if runs[s] else "" for s in settings]
+            words = image_cell(entry["words"][group]) if group in entry["words"] else ""
+            ceiling = image_cell(entry["ceiling"]) if group == "plain" else ""
+            print(f"| {label} | {group_label} | {words} | " + " | ".join(cells) + f" | {ceiling} |")
+
+    print("\nThe bar (plain prompt: nameable mean >= words - 0.02 and worst >= words - 0.10; unnamed mean >= 0.6 and")
+    print("worst >= 0.4; background followed >= 0.9 in every run): mean (worst) per setting, ✓ where met\n")
+    print("| concept | kind | words | " + " | ".join(settings) + " |")
+    print("|---|---|---|" + "---|" * len(settings))
+    passed = dict.fromkeys(settings, 0)
+    for key, label, concept in rows:
+        entry = results[key]
+        words = mean(entry["words"]["plain"])
+        cells = []
+        for s in settings:
+            runs = list(entry["runs"].get(s, {}).values())
+            if not runs:
+                cells.append("")
+                continue
+            means = [mean(r["plain"]) for r in runs]
+            ok = meets_the_bar(concept, words, means, [mean(r["background_followed"]) for r in runs])
+            passed[s] += ok
+            cells.append(f"{mean(means):.3f} ({min(means):.3f}){' ✓' if ok else ''}")
+        kind = "nameable" if concept.nameable else "unnamed"
+        print(f"| {label} | {kind} | {words:.3f} | " + " | ".join(cells) + " |")
+    print("| **met** | | | " + " | ".join(f"{passed[s]} of {len(rows)}" for s in settings) + " |")
+    print(f"\nraw scores: {os.path.join(args.output_dir, 'results.json')}")
 
 
 def main():
     args = parse_args()
     settings = dict(s.split("=", 1) for s in (args.setting or ["default="]))
-    concepts = toy_world.select_concepts(args.concepts_dir, args.concept)
+    folders = image_sets(args)
+    # a row per concept and image set: (results key, label, concept)
+    rows = []
+    for folder in folders:
+        set_name = os.path.basename(os.path.normpath(folder))
+        for name, concept in toy_world.read_concepts(folder).items():
+            if args.concept is None or name in args.concept:
+                one_set = len(folders) == 1  # then keys and folders by concept name alone, as before sets
+                label = f"<{name}>" if one_set else f"<{name}> ({set_name})"
+                rows.append((name if one_set else f"{set_name}/{name}", label, concept, folder))
+    missing = set(args.concept or []) - {concept.name for _, _, concept, _ in rows}
+    if missing:
+        raise SystemExit(f"--concept {', '.join(sorted(missing))}: in none of {folders}")
     scorer = FidelityScorer()
     results_path = os.path.join(args.output_dir, "results.json")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -117,20 +217,20 @@ def main():
     if os.path.exists(results_path):  # runs of earlier invocations stay; a setting's seed is run again
         with open(results_path) as f:
             results = json.load(f)
-    for name in [] if args.table_only else concepts:
-        concept = concepts[name]
-        entry = results.setdefault(name, {"runs": {}})
+    for key, _, concept, folder in [] if args.table_only else rows:
+        name = concept.name
+        entry = results.setdefault(key, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
         description = concept.words_prompt.removeprefix("a photo of a ")
         entry["words"] = score_prompts(scorer, base, concept, prompts_for(description), args.num_images)
-        entry["ceiling"] = scorer.score(toy_fidelity.concept_images(args.concepts_dir, name), concept).tolist()
+        entry["ceiling"] = scorer.score(toy_fidelity.concept_images(folder, name), concept).tolist()
         for setting, flags in settings.items():
             for seed in args.seeds:
                 start = time.time()
-                out = os.path.join(args.output_dir, setting, f"{name}-seed{seed}")
+                out = os.path.join(args.output_dir, setting, f"{key}-seed{seed}")
                 toy_fidelity.train_concept(
                     args.pretrained_model_name_or_path,
-                    args.concepts_dir,
+                    folder,
                     name,
                     out,
                     "--seed",
@@ -141,30 +241,13 @@ def main():
                 pipe, subject, _ = toy_fidelity.with_learned_concept(args.pretrained_model_name_or_path, out, "{}")
                 scores = score_prompts(scorer, pipe, concept, prompts_for(subject), args.num_images)
                 entry["runs"].setdefault(setting, {})[str(seed)] = {**scores, "flags": flags, "train_seconds": trained}
-                plain = sum(scores["plain"]) / len(scores["plain"])
                 print(
-                    f"{name} {setting} seed {seed}: {plain:.3f} (words "
-                    f"{sum(entry['words']['plain']) / args.num_images:.3f}; training {trained:.0f} s)",
+                    f"{key} {setting} seed {seed}: {mean(scores['plain']):.3f} (words "
+                    f"{mean(entry['words']['plain']):.3f}; training {trained:.0f} s)",
                     flush=True,
                 )
                 write_json(results_path, results)
-
-    print(
-        f"\nfidelity = P(kind) x P(colour); {args.num_images} images per prompt; TI cells: mean ± s.e. over training "
-        f"seeds {args.seeds} (worst run)\n"
-    )
-    print("| concept | prompt | words | " + " | ".join(settings) + " | ceiling (own images) |")
-    print("|---|---|---|" + "---|" * len(settings) + "---|")
-    groups = {"plain": "plain", "background": "on a background", "background_followed": "P(that background)"}
-    for name in concepts:
-        entry = results[name]
-        for group, label in groups.items():
-            runs = {s: [run[group] for run in entry["runs"].get(s, {}).values() if group in run] for s in settings}
-            cells = [run_cell(runs[s]) if runs[s] else "" for s in settings]
-            words = image_cell(entry["words"][group]) if group in entry["words"] else ""
-            ceiling = image_cell(entry["ceiling"]) if group == "plain" else ""
-            print(f"| <{name}> | {label} | {words} | " + " | ".join(cells) + f" | {ceiling} |")
-    print(f"\nraw scores: {results_path}")
+    print_tables(results, [(k, label, c) for k, label, c, _ in rows], list(settings), args)
 
 
 if __name__ == "__main__":

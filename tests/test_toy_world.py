@@ -120,10 +120,7 @@ def test_the_concept_loss_benchmark_reads_the_concepts_of_its_folder(tmp_path, m
     monkeypatch.setattr("sys.argv", world_argv)
     toy_world.main()
     capsys.readouterr()
-    script = os.path.join(ROOT, "benchmarks", "bench_toy_concept_loss.py")
-    spec = importlib.util.spec_from_file_location("bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_toy_concept_loss")
     argv = ["bench", "--concepts_dir", str(out), "--num_fresh", "2", "--threads", "1"]
     monkeypatch.setattr("sys.argv", [*argv, "--concept", "green-triangle"])
     bench.main()
@@ -138,6 +135,39 @@ def test_the_concept_loss_benchmark_reads_the_concepts_of_its_folder(tmp_path, m
     monkeypatch.setattr("sys.argv", [*argv, "--concept", "pink-cross"])
     with pytest.raises(SystemExit, match="--concept pink-cross: not in .*; it has \\['green-triangle'\\]"):
         bench.main()
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_fidelity_benchmark_renders_fresh_sets_per_render_seed_and_judges_the_bar(tmp_path, monkeypatch):
+    """bench_toy_fidelity.py --fresh KIND:COLOUR --render_seeds A B: one image set per render seed, the
+    images `python -m toy_infinity.world --seed A` writes; the bar as the owners set it."""
+    bench = load_benchmark("bench_toy_fidelity")
+    argv = ["bench", "--output_dir", str(tmp_path / "out"), "--fresh", "cross:pink", "--fresh", "heart:yellow"]
+    monkeypatch.setattr("sys.argv", [*argv, "--render_seeds", "7000", "9000"])
+    folders = bench.image_sets(bench.parse_args())
+    assert [os.path.basename(f) for f in folders] == ["render-7000", "render-9000"]
+    monkeypatch.setattr("sys.argv", ["world.py", "--out", str(tmp_path / "cli"), "--seed", "9000"]
+                        + ["--concept", "cross:pink", "--concept", "heart:yellow"])  # fmt: skip
+    toy_world.main()
+    for name in ("pink-cross", "yellow-heart"):
+        fresh, cli = concept_images(folders[1], name), concept_images(str(tmp_path / "cli"), name)
+        assert len(fresh) == 8 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(fresh, cli))
+        assert not np.array_equal(np.asarray(fresh[0]), np.asarray(concept_images(folders[0], name)[0]))
+
+    cross, heart = toy_world.concept_spec("cross:pink"), toy_world.concept_spec("heart:yellow")
+    kept = [0.95, 1.0, 0.92]
+    assert bench.meets_the_bar(cross, 0.87, [0.86, 0.84, 0.86], kept)  # mean 0.853 >= 0.85
+    assert not bench.meets_the_bar(cross, 0.87, [0.80, 0.90, 0.83], kept)  # mean 0.843 < 0.87 - 0.02
+    assert not bench.meets_the_bar(cross, 0.87, [0.76, 0.95, 0.95], kept)  # worst 0.10 below
+    assert bench.meets_the_bar(heart, 0.24, [0.61, 0.60, 0.62], kept)
+    assert not bench.meets_the_bar(heart, 0.24, [0.95, 0.55, 0.35], kept)  # mean 0.62, worst 0.35
+    assert not bench.meets_the_bar(heart, 0.24, [0.7, 0.7, 0.7], [0.95, 0.89, 1.0])  # the background lost once
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):

@@ -349,13 +349,13 @@ def parse_args():
     return p.parse_args()
 
 
-def main():
-    args = parse_args()
+def write_concepts(out: str, concepts: list[HeldOutConcept], images_per_concept: int, seed: int) -> None:
+    """Concept i's images (from seed + i) in out/<name>/, and their concepts.json."""
     metadata = {}
-    for i, concept in enumerate(args.concept or HELD_OUT_CONCEPTS.values()):
-        folder = os.path.join(args.out, concept.name)
+    for i, concept in enumerate(concepts):
+        folder = os.path.join(out, concept.name)
         os.makedirs(folder, exist_ok=True)
-        for j, image in enumerate(render_concept_images(concept, args.images_per_concept, args.seed + i)):
+        for j, image in enumerate(render_concept_images(concept, images_per_concept, seed + i)):
             image.save(os.path.join(folder, f"{j:02d}.png"))
         metadata[concept.name] = {
             "placeholder_token": f"<{concept.name}>",
@@ -368,10 +368,16 @@ def main():
             "prompt_template": "a photo of a {}",
             "words_prompt": concept.words_prompt,
         }
-    with open(os.path.join(args.out, "concepts.json"), "w") as f:
+    with open(os.path.join(out, "concepts.json"), "w") as f:
         json.dump(metadata, f, indent=2)
         f.write("\n")
-    print(f"wrote {len(metadata)} concepts to {args.out}")
+
+
+def main():
+    args = parse_args()
+    concepts = args.concept or list(HELD_OUT_CONCEPTS.values())
+    write_concepts(args.out, concepts, args.images_per_concept, args.seed)
+    print(f"wrote {len(concepts)} concepts to {args.out}")
 
 
 if __name__ == "__main__":
