@@ -210,8 +210,8 @@ def parse_args(argv=None):
         choices=["shared", "per_scale"],
         help=(
             "Output mode: shared, one set of vectors read by every generation scale; per_scale, a set for each "
-            "trained scale (the finer scales read the last), --num_vectors in each (default: one per initializer "
-            "piece)."
+            "trained scale, read by the whole model while that scale is drawn (the finer scales read the last), "
+            "--num_vectors in each (default: one per initializer piece)."
         ),
     )
     parser.add_argument(

@@ -7,7 +7,7 @@ the same logits go through the same masking and the same `torch.multinomial` cal
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,7 +105,9 @@ def sample(
     prefix_bits: Sequence[torch.Tensor] = (),
 ) -> SamplingOutput:
     """Generates the bits of every scale for the prompts in `text` (or in one prompt condition per
-    scale, for per-scale concept vectors: scale s reads text[s], the scales past the list its last).
+    scale, for per-scale concept vectors: scale s is drawn by the model reading text[s], the scales
+    past the list its last; where the prompt changes, the coarser scales are read again under the
+    new one, so the KV cache holds what teacher forcing computes).
 
     Guidance pairs each prompt with the unconditional rows (`cfg_uncond` cut to its length) or
     with `negative_text`: logits = cfg * cond + (1 - cfg) * uncond, both scaled by 1/tau first.
@@ -155,19 +157,30 @@ def sample(
     summed = torch.zeros(B, cfg_model.codebook_dim, *vae_grids[-1], device=device).to(memory_format=torch.channels_last)
     out = SamplingOutput(bits=[], summed_codes=summed)
 
-    x = model.start_tokens(conditions[0])  # rows, 1, C
-    for s, grid in enumerate(schedule.grids):
-        guidance, offset, n = cfgs[s], schedule.offsets[s], schedule.lengths[s]
-
-        def mix_hidden(i: int, h: torch.Tensor, guidance: float = guidance) -> torch.Tensor:
+    def mix_hidden(guidance: float) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def mix(i: int, h: torch.Tensor) -> torch.Tensor:
             if guidance == 1 or i not in guide_after_block:
                 return h
             h = guidance * h[:B] + (1 - guidance) * h[B:]
             return torch.cat([h, h])
 
-        c = conditions[s]
-        x = x + model.lvl_embed.weight[s]
-        x = model.run_blocks(x, c, rope[:, offset : offset + n], kv_caches=caches, after_block=mix_hidden)
+        return mix
+
+    def read_scale(j: int, x: torch.Tensor, c) -> torch.Tensor:  # scale j's tokens through the blocks
+        x = x + model.lvl_embed.weight[j]
+        span = slice(schedule.offsets[j], schedule.offsets[j] + schedule.lengths[j])
+        return model.run_blocks(x, c, rope[:, span], kv_caches=caches, after_block=mix_hidden(cfgs[j]))
+
+    inputs = []  # the input tokens of scales 1, 2, ... (rows, n, C): what a new prompt re-reads
+    x = model.start_tokens(conditions[0])  # rows, 1, C
+    for s, grid in enumerate(schedule.grids):
+        guidance, c = cfgs[s], conditions[s]
+        if s > 0 and c is not conditions[s - 1]:  # another prompt: the coarser scales again, under it
+            for cache in caches:
+                cache.length = 0
+            for j, x_j in enumerate([model.start_tokens(c), *inputs[: s - 1]]):
+                read_scale(j, x_j, c)
+        x = read_scale(s, x, c)
         if guidance != 1 and guide_logits:
             head = model.logits(x, c.cond)
             logits = head.mul(1 / taus[s])
@@ -190,4 +203,5 @@ def sample(
             summed += upsample_codes(codes, vae_grids[-1])
             nxt = latents_to_tokens(next_scale_input(summed, vae_grids[s + 1]), patchify)
             x = model.embed_tokens(nxt).repeat(rows // B, 1, 1)
+            inputs.append(x)
     return out

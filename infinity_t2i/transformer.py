@@ -166,25 +166,12 @@ class FFN(nn.Module):
 
 @dataclass
 class Conditioning:
-    """What every block and the head read from the prompt.
+    """What every block and the head read from the prompt."""
 
-    With per-scale text (`InfinityTransformer.forward` given one prompt condition per scale), the
-    tokens of each scale read their own: `cond` and `ada` then hold a row per token and
-    `text_kv` a prompt per scale, `segments` saying how many tokens each scale has."""
-
-    cond: torch.Tensor  # B, C   pooled prompt: start token and AdaLN input   (per token: B, L, C)
-    ada: torch.Tensor  # B, 1, 6, C   shared AdaLN table (gamma1, gamma2, scale1, scale2, shift1, shift2) (B, L, 6, C)
-    text_kv: torch.Tensor  # B, Lt, C   cross-attention inputs   (per scale: B, S, Lt, C)
+    cond: torch.Tensor  # B, C   pooled prompt: start token and AdaLN input
+    ada: torch.Tensor  # B, 1, 6, C   shared AdaLN table (gamma1, gamma2, scale1, scale2, shift1, shift2)
+    text_kv: torch.Tensor  # B, Lt, C   cross-attention inputs
     text_mask: torch.Tensor  # B, Lt
-    segments: list[int] | None = None  # per scale: the tokens of each scale
-
-    @staticmethod
-    def per_token(conditions: Sequence[Conditioning], lengths: Sequence[int]) -> Conditioning:
-        """Teacher forcing with per-scale text: scale s's tokens read conditions[s]."""
-        cond = torch.cat([c.cond.unsqueeze(1).expand(-1, n, -1) for c, n in zip(conditions, lengths)], dim=1)
-        ada = torch.cat([c.ada.expand(-1, n, -1, -1) for c, n in zip(conditions, lengths)], dim=1)
-        text_kv = torch.stack([c.text_kv for c in conditions], dim=1)
-        return Conditioning(cond, ada, text_kv, conditions[0].text_mask, list(lengths))
 
 
 class CrossAttnBlock(nn.Module):
@@ -204,11 +191,7 @@ class CrossAttnBlock(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss.float() + c.ada).unbind(2)  # B, 1, C each
         x = x + self.sa(modulate(x, scale1, shift1, self.eps).to(dtype), rope, scale_lengths, kv_cache).float() * gamma1
         ca_in = F.layer_norm(x, x.shape[-1:], self.ca_norm.weight.float(), self.ca_norm.bias.float(), self.eps)
-        if c.segments is None:
-            x = x + self.ca(ca_in.to(dtype), c.text_kv, c.text_mask).float()
-        else:  # per-scale text: each scale's tokens attend to their own scale's prompt
-            parts = ca_in.to(dtype).split(c.segments, dim=1)
-            x = x + torch.cat([self.ca(part, c.text_kv[:, s], c.text_mask) for s, part in enumerate(parts)], 1).float()
+        x = x + self.ca(ca_in.to(dtype), c.text_kv, c.text_mask).float()
         return x + self.ffn(modulate(x, scale2, shift2, self.eps).to(dtype)).float() * gamma2
 
 
@@ -227,10 +210,7 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * embed_dim))
 
     def forward(self, x, cond):
-        if cond.dim() == 3:  # a row per token (per-scale text)
-            scale, shift = self.ada_lin(cond.float()).unflatten(-1, (2, -1)).unbind(-2)  # B, L, C each
-        else:
-            scale, shift = self.ada_lin(cond.float()).unflatten(-1, (1, 2, -1)).unbind(2)  # B, 1, C each
+        scale, shift = self.ada_lin(cond.float()).unflatten(-1, (1, 2, -1)).unbind(2)  # B, 1, C each
         return modulate(x, scale, shift, self.eps)
 
 
@@ -297,14 +277,13 @@ class InfinityTransformer(nn.Module):
 
     def scale_conditions(self, texts: Sequence[TextCondition], num_scales: int) -> list[Conditioning]:
         """One Conditioning per scale from one prompt condition per scale (the last serves the
-        scales past the list)."""
+        scales past the list: the same object, so a change of prompt is `is not`)."""
         conditions = [self.condition(t) for t in texts[:num_scales]]
         return conditions + conditions[-1:] * (num_scales - len(conditions))
 
     # ---- pieces shared by teacher forcing and sampling -------------------------------------------
     def start_tokens(self, c: Conditioning) -> torch.Tensor:  # -> B, 1, C
-        cond = c.cond[:, :1] if c.cond.dim() == 3 else c.cond.unsqueeze(1)  # per token: the first scale's
-        return cond + self.pos_start
+        return c.cond.unsqueeze(1) + self.pos_start
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:  # B, n, d_token -> B, n, C
         return self.word_embed(x.float())
@@ -357,19 +336,28 @@ class InfinityTransformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, L, 2d) for every scale of `schedule`, given the inputs of the scales after
         the first, x_tokens (B, L - 1, d_token). `text`: the prompts, or one condition per scale
-        (per-scale concept vectors; scales past the list read its last). `cond_drop_rate` swaps
-        prompts for the unconditional rows (the official trainer uses 0.1; this package never
-        does unless asked)."""
+        (per-scale concept vectors). With one per scale, scale s is predicted by the model reading
+        text[s] everywhere, the coarser scales' tokens included, as the sampler re-reads them; the
+        scales past the list read its last. `cond_drop_rate` swaps prompts for the unconditional
+        rows (the official trainer uses 0.1; this package never does unless asked)."""
         L = schedule.total_len
         if x_tokens.shape[1] != L - 1:
             raise ValueError(f"x_tokens has {x_tokens.shape[1]} tokens, the schedule needs {L - 1}")
         if isinstance(text, TextCondition):
-            c = self.condition(self.drop_condition(text, cond_drop_rate, generator))
-        else:
-            if cond_drop_rate > 0:
-                raise ValueError("condition dropout takes one prompt condition, not one per scale")
-            conditions = self.scale_conditions(text, len(schedule))
-            c = Conditioning.per_token(conditions, schedule.lengths)
+            return self._forward(
+                self.condition(self.drop_condition(text, cond_drop_rate, generator)), x_tokens, schedule
+            )
+        if cond_drop_rate > 0:
+            raise ValueError("condition dropout takes one prompt condition, not one per scale")
+        texts = list(text)[: len(schedule)]
+        logits = []
+        for s, t in enumerate(texts):  # the scales up to s under text[s]; the last text reads on to the end
+            upto = schedule if s == len(texts) - 1 else schedule.prefix(s + 1)
+            out = self._forward(self.condition(t), x_tokens[:, : upto.total_len - 1], upto)
+            logits.append(out[:, schedule.offsets[s] :])
+        return torch.cat(logits, dim=1)
+
+    def _forward(self, c: Conditioning, x_tokens: torch.Tensor, schedule: ScaleSchedule) -> torch.Tensor:
         x = torch.cat([self.start_tokens(c), self.embed_tokens(x_tokens)], dim=1)  # B, L, C
         x = x + self.lvl_embed(self.scale_index(schedule, x.device))
         x = self.run_blocks(x, c, self.rope(schedule, x.device), scale_lengths=schedule.lengths)

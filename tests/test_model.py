@@ -203,7 +203,7 @@ def test_condition_dropout_is_off_unless_asked():
     assert torch.equal(dropped, uncond) and not torch.allclose(kept, uncond)
 
 
-def test_per_scale_text_equal_to_the_prompt_changes_nothing_and_each_scale_reads_its_own():
+def test_per_scale_text_equal_to_the_prompt_changes_nothing_and_each_scale_is_drawn_under_its_own():
     model, _ = build_tiny_models(seed=1)
     schedule = get_schedule(1.0, "0.06M").prefix(5)
     text = random_text(2, model.config.text_channels, [5, 9])
@@ -223,6 +223,9 @@ def test_per_scale_text_equal_to_the_prompt_changes_nothing_and_each_scale_reads
     start = schedule.offsets[2]
     assert torch.equal(mixed[:, :start], reference[:, :start])
     assert not torch.allclose(mixed[:, start:], reference[:, start:])
+    # from scale 2 on the model reads `other` everywhere, the coarser scales' tokens included
+    with torch.no_grad():
+        assert torch.allclose(mixed[:, start:], model(other, x_tokens, schedule)[:, start:], atol=1e-5)
     # the KV-cached sampler reads each scale's own prompt as teacher forcing does
     out = sample(model, [text, text, other], schedule, SamplingSettings(cfg=1.0), return_logits=True,
                  generator=torch.Generator().manual_seed(0))  # fmt: skip
