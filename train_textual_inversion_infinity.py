@@ -246,7 +246,7 @@ def parse_args(argv=None):
         type=str,
         default="0.25M",
         choices=sorted(PN_NUM_SCALES),
-        help="Training resolution: 0.06M (256px), 0.25M (512px) or 1M (1024px) for square images.",
+        help="Training resolution: 0.06M (256px), 0.25M (512px), 0.60M (768px) or 1M (1024px) for square images.",
     )
     parser.add_argument(
         "--aspect_ratio",
