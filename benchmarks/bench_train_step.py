@@ -7,7 +7,8 @@
     python benchmarks/bench_train_step.py --trace_memory --pn 0.25M 1M  # 2B memory, no GPU needed
 
 For each pn it times a no-grad forward of the batch (T5 + transformer + loss), this project's TI
-step in input mode (through T5) and in output mode (cached T5 features, no T5), and the naive
+step in input mode (through T5), in output mode (cached T5 features, no T5) and in output mode
+with a vector per scale (`--vector_layout per_scale`: a prefix forward per scale), and the naive
 step (the whole T5 embedding matrix in AdamW, prompts padded to 512 tokens, the VAE re-encoding
 the images every step, attention with a dense block-causal mask, no checkpointing), then the
 levers one at a time. Memory is the CUDA peak on a GPU; on the CPU it is the bytes autograd saves
@@ -342,7 +343,7 @@ def main():
     )
     print(f"model {args.model}, {name}, weights {str(dtype).removeprefix('torch.')}, memory = {memory_kind}")
     print(f"{'pn':>6} {'tokens':>6} | {'forward':>9} | {'TI step':>9} {'ratio':>6} {'memory':>10} | "
-          f"{'output':>9} {'ratio':>6} {'memory':>10} | "
+          f"{'output':>9} {'ratio':>6} {'memory':>10} | {'per_scale':>9} {'ratio':>6} {'memory':>10} | "
           f"{'naive step':>10} {'memory':>10} {'naive/ours':>10}")  # fmt: skip
     levers = []
     for pn in args.pn:
@@ -352,6 +353,7 @@ def main():
         forward, _ = measure(setup.forward, args.device, args.repeats)
         ours, ours_mem = measure(setup.ours, args.device, args.repeats)
         output_mode, output_mem = measure(setup.ours_output_mode, args.device, args.repeats)
+        per_scale, per_scale_mem = measure(setup.ours_per_scale, args.device, args.repeats)
         transformer.gradient_checkpointing = False
         with attention("masked"):
             naive, naive_mem = measure(setup.naive, args.device, args.repeats)
@@ -359,6 +361,7 @@ def main():
         print(f"{pn:>6} {setup.schedule.total_len:>6} | {forward:>8.3f}s | "
               f"{ours:>8.3f}s {ours / forward:>5.2f}x {gib(ours_mem):>10} | "
               f"{output_mode:>8.3f}s {output_mode / forward:>5.2f}x {gib(output_mem):>10} | "
+              f"{per_scale:>8.3f}s {per_scale / forward:>5.2f}x {gib(per_scale_mem):>10} | "
               f"{naive:>9.3f}s {gib(naive_mem):>10} {naive / ours:>9.2f}x")  # fmt: skip
         # the levers, each against this project's step without it
         transformer.gradient_checkpointing = False
