@@ -21,7 +21,9 @@ everywhere.
     python benchmarks/bench_toy_fidelity.py --fresh cross:pink --fresh heart:yellow --render_seeds 7000 9000
 
 --fresh renders concepts afresh, one image set per --render_seeds (beside any --concepts_dir), so
-that a default is chosen over several image sets of a concept, not tuned to one. A second table
+that a default is chosen over several image sets of a concept, not tuned to one. Concept i of the
+--fresh list is rendered from render seed + i (toy_infinity.world.write_concepts): the same list in
+the same order gives the same images, and an --output_dir keeps the list it was rendered for. A second table
 says, per setting, where the owners' bar is met (see `meets_the_bar`).
 
 Each run is the training script in its own process (200 steps, batch 4, 0.06M: the issue's
@@ -101,7 +103,10 @@ def parse_args():
         type=toy_world.concept_spec,
         action="append",
         default=[],
-        help="KIND:COLOUR (repeatable): concepts rendered afresh, one image set per --render_seeds.",
+        help=(
+            "KIND:COLOUR (repeatable): concepts rendered afresh, one image set per --render_seeds; the i-th from "
+            "render seed + i."
+        ),
     )
     p.add_argument(
         "--render_seeds",
@@ -135,6 +140,12 @@ def image_sets(args) -> list[str]:
         folder = os.path.join(args.output_dir, "sets", f"render-{seed}")
         if not os.path.exists(os.path.join(folder, "concepts.json")):
             toy_world.write_concepts(folder, args.fresh, 8, seed)
+        rendered, asked = list(toy_world.read_concepts(folder)), [concept.name for concept in args.fresh]
+        if rendered != asked:  # concept i's images come from seed + i: another list means other images
+            raise SystemExit(
+                f"{folder} holds {', '.join(rendered)}, rendered in that order; give --fresh in that order, "
+                "or a new --output_dir"
+            )
         folders.append(folder)
     return folders
 

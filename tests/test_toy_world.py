@@ -152,6 +152,10 @@ def test_the_fidelity_benchmark_renders_fresh_sets_per_render_seed_and_judges_th
     monkeypatch.setattr("sys.argv", [*argv, "--render_seeds", "7000", "9000"])
     folders = bench.image_sets(bench.parse_args())
     assert [os.path.basename(f) for f in folders] == ["render-7000", "render-9000"]
+    # concept i is rendered from seed + i, so the same folder with another list would mix image sets
+    monkeypatch.setattr("sys.argv", [*argv[:3], "--fresh", "heart:yellow", "--fresh", "cross:pink"])
+    with pytest.raises(SystemExit, match="holds pink-cross, yellow-heart, rendered in that order; give --fresh in"):
+        bench.image_sets(bench.parse_args())
     monkeypatch.setattr("sys.argv", ["world.py", "--out", str(tmp_path / "cli"), "--seed", "9000"]
                         + ["--concept", "cross:pink", "--concept", "heart:yellow"])  # fmt: skip
     toy_world.main()
