@@ -23,8 +23,8 @@ everywhere.
 --fresh renders concepts afresh, one image set per --render_seeds (beside any --concepts_dir), so
 that a default is chosen over several image sets of a concept, not tuned to one. Concept i of the
 --fresh list is rendered from render seed + i (toy_infinity.world.write_concepts): the same list in
-the same order gives the same images, and an --output_dir keeps the list it was rendered for. A second table
-says, per setting, where the owners' bar is met (see `meets_the_bar`).
+the same order gives the same images, and an --output_dir keeps the list it was rendered for. A
+second table says, per setting, where the owners' bar is met (see `meets_the_bar`).
 
 Each run is the training script in its own process (200 steps, batch 4, 0.06M: the issue's
 budget) and takes about a minute on 2 CPU cores; the raw scores go to results.json.
