@@ -94,7 +94,7 @@ RECIPE_FLAGS = (
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay", "max_grad_norm",
     "self_correction_strength", "self_correction_scales", "train_scales", "reweight_loss_by_scale",
-    "text_encoder_dtype",
+    "prior_scales", "prior_weight", "text_encoder_dtype",
 )  # fmt: skip
 RUN_RECORD_NAME = "run.json"  # who the run in --output_dir is: its RECIPE_FLAGS, data, seed, processes, id
 LOCK_NAME = ".lock"  # held by the run writing to --output_dir
@@ -121,14 +121,14 @@ NUMBER_RULES = {
     },
     "num_vectors": (f"between 1 and {MAX_VECTORS}", lambda n: 1 <= n <= MAX_VECTORS),
     **{name: ("at least 0", lambda n: n >= 0) for name in ("lr_warmup_steps", "dataloader_num_workers")},
-    "self_correction_scales": ("at least 0", lambda n: n >= 0),
+    **{name: ("at least 0", lambda n: n >= 0) for name in ("self_correction_scales", "prior_scales")},
     "seed": (f"between 0 and {2**32 - 1}", lambda n: 0 <= n < 2**32),
     **{name: ("a positive number", lambda x: math.isfinite(x) and x > 0) for name in (
         "learning_rate", "adam_epsilon", "max_grad_norm")},
     "adam_weight_decay": ("a number of at least 0", lambda x: math.isfinite(x) and x >= 0),
     "adam_beta1": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
     "adam_beta2": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
-    "self_correction_strength": ("in [0, 1]", _finite_in(0, 1)),
+    **{name: ("in [0, 1]", _finite_in(0, 1)) for name in ("self_correction_strength", "prior_weight")},
 }  # fmt: skip
 
 
@@ -354,6 +354,23 @@ def parse_args(argv=None):
             "Weight tokens by 1/sqrt(scale area), as the released recipe; --no-reweight_loss_by_scale weights all "
             "tokens equally."
         ),
+    )
+    parser.add_argument(
+        "--prior_scales",
+        type=int,
+        default=1,
+        help=(
+            "On this many coarsest trained scales (the 1x1 one: the picture's overall tone, mostly its background) "
+            "the target mixes each image's bits with what the frozen model predicts for the caption with the "
+            "concept at its start (the initializer), so that the token does not fix its images' backgrounds; 0 "
+            "turns it off."
+        ),
+    )
+    parser.add_argument(
+        "--prior_weight",
+        type=float,
+        default=1.0,
+        help="The prediction's weight in those targets (the image's bits get 1 - this); 0 turns the prior off.",
     )
     parser.add_argument(
         "--mixed_precision",
@@ -1614,7 +1631,27 @@ def training_loss(
             else [TextCondition(f, text.mask) for f in features]
         )
     logits = pipe.transformer(text, inputs.x_tokens, schedule)
-    return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale)
+    prior = None
+    if args.prior_scales > 0 and args.prior_weight > 0:
+        prior = concept_prior_logits(pipe, concept, data, captions, inputs.x_tokens, schedule.prefix(args.prior_scales))
+    return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale, prior, args.prior_weight)
+
+
+@torch.no_grad()
+def concept_prior_logits(
+    pipe, concept: ConceptTokens, data: TrainingData, captions: list[str], x_tokens: torch.Tensor, prefix: ScaleSchedule
+) -> torch.Tensor:
+    """What the frozen model predicts on the scales of `prefix` for the captions with the concept at
+    its start (the initializer's vectors), given the image's coarser scales: (B, prefix length, 2d).
+    Attention is causal by scale, so the prefix alone gives the full run's first logits."""
+    start = concept.start[0] if concept.start.dim() == 3 else concept.start  # per_scale: every set starts alike
+    at_start = LearnedVectors(concept.token_ids, start).to(pipe.device)
+    if data.caption_features is None:
+        text = encode_with_learned(pipe.tokenizer, pipe.text_encoder, at_start, captions)
+    else:
+        input_ids, text = data.caption_features(captions)
+        text = TextCondition(at_start(input_ids, text.features), text.mask)
+    return pipe.transformer(text, x_tokens[:, : prefix.total_len - 1], prefix)
 
 
 def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:

@@ -76,10 +76,27 @@ def bit_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def bitwise_loss(
-    logits: torch.Tensor, labels: torch.Tensor, schedule: ScaleSchedule, reweight_by_scale: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    schedule: ScaleSchedule,
+    reweight_by_scale: bool = False,
+    prior_logits: torch.Tensor | None = None,
+    prior_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Mean over bits, weighted sum over tokens, mean over the batch."""
-    per_token = bit_cross_entropy(logits, labels).mean(-1)  # B, L
+    """Mean over bits, weighted sum over tokens, mean over the batch.
+
+    `prior_logits` (B, Lp, 2d) cover the first Lp tokens: there each bit's target is its label
+    with weight 1 - prior_weight and the prior's probabilities with weight prior_weight (a cross
+    entropy is linear in its target, so the two cross entropies are mixed)."""
+    per_bit = bit_cross_entropy(logits, labels)  # B, L, d
+    if prior_logits is not None and prior_weight > 0:
+        B, Lp, d = prior_logits.shape[0], prior_logits.shape[1], labels.shape[-1]
+        log_probs = F.log_softmax(logits[:, :Lp].float().view(B, Lp, d, 2), dim=-1)
+        prior_probs = F.softmax(prior_logits.float().view(B, Lp, d, 2), dim=-1)
+        to_prior = -(prior_probs * log_probs).sum(-1)  # B, Lp, d
+        coarse = (1 - prior_weight) * per_bit[:, :Lp] + prior_weight * to_prior
+        per_bit = torch.cat([coarse, per_bit[:, Lp:]], dim=1)
+    per_token = per_bit.mean(-1)  # B, L
     if reweight_by_scale:
         weights = token_weights(schedule, True, per_token.device)
     else:

@@ -42,7 +42,10 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
 
     def load_and_watch(cls, *a, **k):
         pipe = from_pretrained(cls, *a, **k)
-        pipe.transformer.register_forward_pre_hook(lambda module, inputs: conditions.append(inputs[0]))
+        # the training forwards only: the prior's forward runs without gradients
+        pipe.transformer.register_forward_pre_hook(
+            lambda module, inputs: conditions.append(inputs[0]) if torch.is_grad_enabled() else None
+        )
         loaded.append(pipe)
         return pipe
 
@@ -99,6 +102,31 @@ def test_training_changes_only_the_learned_rows_and_a_saved_file_gives_its_exact
                 )
         if layout == "per_scale":  # the sets moved apart: every scale has its own
             assert not torch.equal(concepts[0].vectors[0], concepts[0].vectors[-1])
+
+
+@pytest.mark.parametrize("mode,layout", [("output", "shared"), ("input", "shared"), ("output", "per_scale")])
+def test_the_prior_is_the_model_reading_the_concept_at_its_start(
+    mode, layout, tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch
+):
+    # The prior is a forward of its own over the coarse scales with the concept's starting vectors:
+    # at the first step, when the vectors are still there, it is the training forward's first logits.
+    seen, real_loss = [], train.bitwise_loss
+
+    def spy(logits, labels, schedule, reweight, prior, prior_weight):
+        seen.append((logits.detach(), prior))
+        return real_loss(logits, labels, schedule, reweight, prior, prior_weight)
+
+    monkeypatch.setattr(train, "bitwise_loss", spy)
+    train.main(train.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
+        "--placeholder_token", PLACEHOLDER, "--initializer_token", "garden", "--output_dir", str(tmp_path / "out"),
+        "--pn", "0.06M", "--seed", "0", "--ti_mode", mode, "--vector_layout", layout, "--train_batch_size", "2",
+        "--max_train_steps", "2", "--learning_rate", "0.2", "--prior_scales", "2", "--prior_weight", "0.5",
+    ]))  # fmt: skip
+    (first, first_prior), (second, second_prior) = seen
+    assert first_prior.shape[1] == 5 and not first_prior.requires_grad  # the 1x1 and 2x2 scales, frozen
+    torch.testing.assert_close(first_prior, first[:, :5], rtol=0, atol=1e-5)
+    assert (second_prior - second[:, :5]).abs().max() > 1e-3  # the token moved, its prior did not
 
 
 def test_input_and_output_concepts_in_one_prompt_with_weights(tiny_pipeline_dir, tmp_path):

@@ -528,19 +528,19 @@ def test_train_scales_trains_the_coarse_scales_only(tiny_pipeline_dir, concept_d
     lengths = []
     real_loss = train.bitwise_loss
 
-    def spy(logits, labels, schedule, reweight):
-        lengths.append((logits.shape[1], labels.shape[1], schedule.total_len))
-        return real_loss(logits, labels, schedule, reweight)
+    def spy(logits, labels, schedule, reweight, prior, prior_weight):
+        lengths.append((logits.shape[1], labels.shape[1], schedule.total_len, prior.shape[1]))
+        return real_loss(logits, labels, schedule, reweight, prior, prior_weight)
 
     monkeypatch.setattr(train, "bitwise_loss", spy)
     run(tiny_pipeline_dir, concept_dir, tmp_path / "out", "--max_train_steps", "2", "--train_scales", "3")
-    assert lengths == [(21, 21, 21)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales
+    assert lengths == [(21, 21, 21, 1)] * 2  # 1 + 2x2 + 4x4 tokens of the first three scales; the prior: the 1x1
     lengths.clear()
     run(tiny_pipeline_dir, concept_dir, tmp_path / "default", "--max_train_steps", "1")
-    assert lengths == [(121, 121, 121)]  # by default the scales up to 8x8, half of 0.06M's 16x16
+    assert lengths == [(121, 121, 121, 1)]  # by default the scales up to 8x8, half of 0.06M's 16x16
     lengths.clear()
     run(tiny_pipeline_dir, concept_dir, tmp_path / "all", "--max_train_steps", "1", "--train_scales", "all")
-    assert lengths == [(521, 521, 521)]
+    assert lengths == [(521, 521, 521, 1)]
 
 
 def launch_two_processes(script, argv, port: int) -> subprocess.CompletedProcess:

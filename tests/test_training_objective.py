@@ -1,4 +1,5 @@
-"""The training objective: token weights and bitwise self-correction."""
+"""The training objective: token weights, bitwise self-correction and the prior on the coarse
+scales."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 
 from infinity_t2i.multiscale import bits_to_codes, quantize, residual_quantize, upsample_codes
 from infinity_t2i.resolution import get_schedule
-from infinity_t2i.training import make_training_inputs, num_training_scales, token_weights
+from infinity_t2i.training import bitwise_loss, make_training_inputs, num_training_scales, token_weights
 
 
 def test_scale_reweighting_gives_each_scale_weight_proportional_to_its_side():
@@ -67,3 +68,27 @@ def test_training_on_the_first_scales_keeps_their_inputs_and_labels():
     coarse = make_training_inputs(features, schedule, False, num_scales=3)
     n = schedule.prefix(3).total_len
     assert torch.equal(coarse.labels, full.labels[:, :n]) and torch.equal(coarse.x_tokens, full.x_tokens[:, : n - 1])
+
+
+def test_a_prior_mixes_into_the_targets_of_the_first_tokens_only():
+    torch.manual_seed(0)
+    schedule = get_schedule(1.0, "0.06M").prefix(3)  # 1 + 4 + 16 tokens
+    B, L, d, Lp, w = 2, schedule.total_len, 4, 5, 0.3
+    logits = torch.randn(B, L, 2 * d, requires_grad=True)
+    labels = torch.randint(0, 2, (B, L, d), dtype=torch.uint8)
+    prior = torch.randn(B, Lp, 2 * d)
+    plain = bitwise_loss(logits, labels, schedule, True)
+    assert torch.equal(bitwise_loss(logits, labels, schedule, True, prior, 0.0), plain)  # weight 0: the plain loss
+
+    # by hand: on the first Lp tokens each bit's target is (1 - w) * its label + w * the prior's probability
+    target = F.one_hot(labels.long(), 2).float()
+    target[:, :Lp] = (1 - w) * target[:, :Lp] + w * prior.view(B, Lp, d, 2).softmax(-1)
+    per_token = -(target * logits.view(B, L, d, 2).log_softmax(-1)).sum(-1).mean(-1)
+    expected = (per_token * token_weights(schedule, True)).sum(-1).mean()
+    assert torch.allclose(bitwise_loss(logits, labels, schedule, True, prior, w), expected, atol=1e-6)
+
+    # a prior that is the model's own prediction, at full weight, leaves the first tokens no gradient
+    (own,) = torch.autograd.grad(bitwise_loss(logits, labels, schedule, True, logits[:, :Lp].detach(), 1.0), logits)
+    (ref,) = torch.autograd.grad(plain, logits)
+    assert own[:, :Lp].abs().max() < 1e-7 and ref[:, :Lp].abs().max() > 1e-3
+    assert torch.equal(own[:, Lp:], ref[:, Lp:])

@@ -303,6 +303,8 @@ def test_non_finite_vectors_are_never_written(tmp_path):
         ("--lr_num_cycles", "0", "--lr_num_cycles must be at least 1"),
         ("--num_train_epochs", "0", "--num_train_epochs must be at least 1"),
         ("--self_correction_scales", "-1", "--self_correction_scales must be at least 0"),
+        ("--prior_scales", "-1", "--prior_scales must be at least 0, got -1"),
+        ("--prior_weight", "1.5", "--prior_weight must be in [0, 1], got 1.5"),
         ("--overwrite_output_dir", "--resume_from_checkpoint=latest", "give one of them"),
     ],
 )
