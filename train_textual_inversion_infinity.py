@@ -10,7 +10,10 @@ Only the new token vectors train (float32); flan-T5, the Infinity transformer an
 frozen. The loss is Infinity's own training loss: the images are tokenized into multi-scale bits
 once (the VAE features are cached), and the transformer predicts each scale's bits from the
 coarser scales, conditioned on captions that contain the placeholder; by default on the coarse
-half of the scales (--train_scales half), where a concept's colour, layout and shape are chosen.
+half of the scales (--train_scales half), where a concept's colour, layout and shape are chosen. On
+the 1x1 scale, the picture's overall tone, the target is what the frozen model draws for the concept
+at its start (--prior_scales, --prior_weight), so the token learns the concept, not its images'
+backgrounds.
 """
 
 import argparse
@@ -1596,7 +1599,8 @@ def training_loss(
     args, indices: list[int], data: TrainingData, pipe, concept: ConceptTokens, learned, step_rng: torch.Generator
 ) -> torch.Tensor:
     """Infinity's training loss on one batch: each trained scale's bits predicted from the coarser
-    scales, conditioned on the captions with the placeholder. Per-step randomness (flips,
+    scales, conditioned on the captions with the placeholder; on the first --prior_scales the
+    targets mix in the concept's prior (concept_prior_logits). Per-step randomness (flips,
     self-correction, caption templates) comes from `step_rng`, in that order."""
     schedule = data.schedules[indices[0]]
     flips = (
