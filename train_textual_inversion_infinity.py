@@ -1596,12 +1596,20 @@ def resume_training_state(
 
 
 def training_loss(
-    args, indices: list[int], data: TrainingData, pipe, concept: ConceptTokens, learned, step_rng: torch.Generator
+    args,
+    indices: list[int],
+    data: TrainingData,
+    pipe,
+    concept: ConceptTokens,
+    learned,
+    at_start: LearnedVectors | None,
+    step_rng: torch.Generator,
 ) -> torch.Tensor:
     """Infinity's training loss on one batch: each trained scale's bits predicted from the coarser
-    scales, conditioned on the captions with the placeholder; on the first --prior_scales the
-    targets mix in the concept's prior (concept_prior_logits). Per-step randomness (flips,
-    self-correction, caption templates) comes from `step_rng`, in that order."""
+    scales, conditioned on the captions with the placeholder. With `at_start` (the concept's
+    starting vectors, frozen), the targets of the first --prior_scales mix in what the model
+    predicts there for the same captions with those vectors: the prior. Per-step randomness
+    (flips, self-correction, caption templates) comes from `step_rng`, in that order."""
     schedule = data.schedules[indices[0]]
     flips = (
         torch.randint(0, 2, (len(indices),), generator=step_rng).tolist() if args.random_flip else [0] * len(indices)
@@ -1624,38 +1632,29 @@ def training_loss(
         schedule = schedule.prefix(num_scales)
     captions = data.captions(indices, TEMPLATES[args.learnable_property], args.placeholder_token, step_rng)
     captions = [concept.expand(c) for c in captions]
-    if data.caption_features is None:  # input mode: T5 runs with the learned rows
-        text = encode_with_learned(pipe.tokenizer, pipe.text_encoder, learned, captions)
-    else:
-        input_ids, text = data.caption_features(captions)
-        features = learned(input_ids, text.features)  # B, Lt, C   (per scale: S, B, Lt, C)
-        text = (
-            TextCondition(features, text.mask)
-            if features.dim() == 3
-            else [TextCondition(f, text.mask) for f in features]
-        )
-    logits = pipe.transformer(text, inputs.x_tokens, schedule)
+    caption_rows = None if data.caption_features is None else data.caption_features(captions)
+    logits = pipe.transformer(caption_condition(pipe, learned, captions, caption_rows), inputs.x_tokens, schedule)
     prior = None
-    if args.prior_scales > 0 and args.prior_weight > 0:
-        prior = concept_prior_logits(pipe, concept, data, captions, inputs.x_tokens, schedule.prefix(args.prior_scales))
+    if at_start is not None:
+        # attention is causal by scale: a forward over the prior's scales alone gives their logits
+        prefix = schedule.prefix(args.prior_scales)
+        with torch.no_grad():
+            text = caption_condition(pipe, at_start, captions, caption_rows)
+            prior = pipe.transformer(text, inputs.x_tokens[:, : prefix.total_len - 1], prefix)
     return bitwise_loss(logits, inputs.labels, schedule, args.reweight_loss_by_scale, prior, args.prior_weight)
 
 
-@torch.no_grad()
-def concept_prior_logits(
-    pipe, concept: ConceptTokens, data: TrainingData, captions: list[str], x_tokens: torch.Tensor, prefix: ScaleSchedule
-) -> torch.Tensor:
-    """What the frozen model predicts on the scales of `prefix` for the captions with the concept at
-    its start (the initializer's vectors), given the image's coarser scales: (B, prefix length, 2d).
-    Attention is causal by scale, so the prefix alone gives the full run's first logits."""
-    start = concept.start[0] if concept.start.dim() == 3 else concept.start  # per_scale: every set starts alike
-    at_start = LearnedVectors(concept.token_ids, start).to(pipe.device)
-    if data.caption_features is None:
-        text = encode_with_learned(pipe.tokenizer, pipe.text_encoder, at_start, captions)
-    else:
-        input_ids, text = data.caption_features(captions)
-        text = TextCondition(at_start(input_ids, text.features), text.mask)
-    return pipe.transformer(text, x_tokens[:, : prefix.total_len - 1], prefix)
+def caption_condition(pipe, vectors: LearnedVectors, captions: list[str], caption_rows) -> TextCondition | list:
+    """The captions' condition with `vectors` at the concept's tokens: input mode runs T5 on them;
+    output mode (`caption_rows`, the cached T5 features) puts them over the features, one condition
+    per scale for per-scale vectors."""
+    if caption_rows is None:
+        return encode_with_learned(pipe.tokenizer, pipe.text_encoder, vectors, captions)
+    input_ids, text = caption_rows
+    features = vectors(input_ids, text.features)  # B, Lt, C   (per scale: S, B, Lt, C)
+    if features.dim() == 3:
+        return TextCondition(features, text.mask)
+    return [TextCondition(f, text.mask) for f in features]
 
 
 def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
@@ -1717,6 +1716,10 @@ def main(args):
     # 4. The placeholder's tokens and their trainable vectors (float32, outside the frozen model).
     concept = add_concept_tokens(args, pipe.tokenizer, pipe.text_encoder)
     learned = LearnedVectors(concept.token_ids, concept.start, hold_norm=args.hold_norm).to(accelerator.device)
+    at_start = None  # the prior's vectors: where the concept starts, frozen (per scale: every set starts alike)
+    if args.prior_scales > 0 and args.prior_weight > 0:
+        start = concept.start[0] if concept.start.dim() == 3 else concept.start
+        at_start = LearnedVectors(concept.token_ids, start).requires_grad_(False).to(accelerator.device)
     metadata = embedding_metadata(args, pipe, len(concept.tokens))
 
     # 5. Memory savers. Frozen weights never get gradients; only activations on the path to the
@@ -1785,7 +1788,7 @@ def main(args):
             group_end = min(group_start + accumulation, num_batches)
             sync = k + 1 == group_end
             with contextlib.nullcontext() if sync else accelerator.no_sync(learned):
-                loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, step_rng)
+                loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, at_start, step_rng)
                 if not all_finite(accelerator, loss):
                     stop_non_finite(args, accelerator, concept, accelerator.unwrap_model(learned), metadata,
                                     last_good, last_good_step, "loss", global_step)  # fmt: skip
