@@ -99,6 +99,9 @@ RECIPE_FLAGS = (
     "self_correction_strength", "self_correction_scales", "train_scales", "reweight_loss_by_scale",
     "prior_scales", "prior_weight", "text_encoder_dtype",
 )  # fmt: skip
+# What a run recorded before these flags existed did: a resume of it must keep that, not take
+# the flag's present default.
+RECORDED_BEFORE_THE_FLAG = {"vector_layout": "shared", "prior_weight": "0.0"}
 RUN_RECORD_NAME = "run.json"  # who the run in --output_dir is: its RECIPE_FLAGS, data, seed, processes, id
 LOCK_NAME = ".lock"  # held by the run writing to --output_dir
 # folder -> its open lock file: held until the run ends (the system drops it when a process dies)
@@ -1256,8 +1259,10 @@ def checkpoint_run(path: str, check: bool = True) -> dict[str, str]:
 
 def check_recipe(where: str, saved: dict[str, str], identity: dict[str, str]) -> None:
     """Refuses to resume a run (`saved`: its checkpoint's or run.json's record) with another
-    identity: other RECIPE_FLAGS, data, seed, process count or precision (records older than a
-    key are taken as they are)."""
+    identity: other RECIPE_FLAGS, data, seed, process count or precision. A record older than a
+    flag ran as RECORDED_BEFORE_THE_FLAG says; other keys it lacks are taken as they are."""
+    if saved:  # a record (a new run has none)
+        saved = RECORDED_BEFORE_THE_FLAG | saved
     changed = [k for k in identity if k in saved and k != "run_id" and saved[k] != identity[k]]
     if changed:
 

@@ -102,7 +102,7 @@ def test_two_processes_without_a_seed_share_one_and_resume_exactly(tiny_pipeline
     assert len(ranks[0]) == len(ranks[1]) == 3  # 6 batches of one image, 3 (odd) per process
     assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(6))  # each once
     assert final_embedding(part)[1] == "2"
-    seed = json.loads((part / train.RUN_RECORD_NAME).read_text())["seed"]
+    seed = json.loads((part / "run.json").read_text())["seed"]
     result = launch_two_processes(SCRIPT, argv(part, "4", "--resume_from_checkpoint", "latest"), 29583)
     assert result.returncode == 0, result.stderr[-3000:]
     result = launch_two_processes(SCRIPT, argv(full, "4", "--seed", seed), 29585)
@@ -218,6 +218,19 @@ def test_a_resume_with_other_settings_is_refused(
     err = run_script_expecting_error(SCRIPT, argv + extra, capsys)
     assert message in err and "checkpoint-2" in err, err
     assert folder_bytes(out) == before
+
+
+def test_a_run_recorded_before_a_flag_existed_resumes_only_as_it_ran(tiny_pipeline_dir, concept_dir, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1")
+    today = json.loads((out / train.RUN_RECORD_NAME).read_text())
+    older = {k: v for k, v in today.items() if k not in ("vector_layout", "prior_scales", "prior_weight")}
+    with pytest.raises(train.UsageError, match="--prior_weight 0.0, this run has --prior_weight 1.0"):
+        train.check_recipe("checkpoint-2", older, today)  # it ran without the prior, today's default has it
+    train.check_recipe("checkpoint-2", older, today | {"prior_weight": "0.0"})
+    with pytest.raises(train.UsageError, match="--vector_layout shared, this run has --vector_layout per_scale"):
+        train.check_recipe("checkpoint-2", older, today | {"prior_weight": "0.0", "vector_layout": "per_scale"})
+    train.check_recipe("a new run", {}, today)  # a new run has no record to keep
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_with_its_seed(tiny_pipeline_dir, concept_dir, tmp_path):
