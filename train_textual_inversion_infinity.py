@@ -186,8 +186,8 @@ def parse_args(argv=None):
         type=str,
         required=True,
         help=(
-            "A word or phrase close to the concept (your best words for it start best); one learned vector "
-            "starts at each of its word pieces."
+            "A word or phrase close to the concept: its kind's word ('dog') where there is one, else your best "
+            "words for it ('blue thing'); one learned vector starts at each of its word pieces."
         ),
     )
     parser.add_argument(

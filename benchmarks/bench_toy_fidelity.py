@@ -232,7 +232,7 @@ def main():
         name = concept.name
         entry = results.setdefault(key, {"runs": {}})
         base = InfinityPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        description = concept.words_prompt.removeprefix("a photo of a ")
+        description = concept.description
         entry["words"] = score_prompts(scorer, base, concept, prompts_for(description), args.num_images)
         entry["ceiling"] = scorer.score(toy_fidelity.concept_images(folder, name), concept).tolist()
         for setting, flags in settings.items():

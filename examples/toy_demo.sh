@@ -2,10 +2,9 @@
 # The main job on the toy Infinity (examples/toy-infinity), on CPU in a few minutes:
 #   1. textual inversion of <blue-heart> from the 8 images in examples/concepts/blue-heart
 #      (a blue heart; the toy model has drawn hearts, but its captions only ever called them "thing",
-#      so no words ask for one),
+#      so no words ask for one), starting from the best words, "blue thing",
 #   2. inference: "a photo of a <blue-heart>" and "a photo of a <blue-heart> on grass", each beside
-#      the same prompt with the initializer word "thing" instead (--compare), same seeds, and the
-#      best words, "a photo of a blue thing".
+#      the same prompt with those words instead (--compare), same seeds.
 # Outputs under outputs/toy-demo/ (or the folder given as the first argument).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +14,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   train_textual_inversion_infinity.py \
   --pretrained_model_name_or_path examples/toy-infinity \
   --train_data_dir examples/concepts/blue-heart \
-  --placeholder_token "<blue-heart>" --initializer_token thing \
+  --placeholder_token "<blue-heart>" --initializer_token "blue thing" \
   --pn 0.06M --train_batch_size 4 --max_train_steps 200 \
   --validation_prompt "a photo of a <blue-heart>" --validation_steps 50 \
   --seed 0 --output_dir "$out/embedding"
@@ -24,11 +23,9 @@ python infer_textual_inversion.py \
   --pretrained_model_name_or_path examples/toy-infinity \
   --learned_embeds "$out/embedding" \
   --prompt "a photo of a <blue-heart>" --prompt "a photo of a <blue-heart> on grass" \
-  --prompt "a photo of a blue thing" \
   --pn 0.06M --num_images 8 --seed 0 --compare \
   --output_dir "$out/images"
 
 echo
-echo "before/after (left: <blue-heart>, right: \"thing\", same seeds): $out/images/a-photo-of-a-[blue-heart]*_compare.png"
-echo "the best words, same seeds: $out/images/a-photo-of-a-blue-thing_grid.png"
+echo "the token against the best words (left: <blue-heart>, right: \"blue thing\", same seeds): $out/images/a-photo-of-a-[blue-heart]*_compare.png"
 echo "during training: $out/embedding/validation/"

@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 
 from infinity_t2i.pipeline import InfinityPipeline
 from toy_infinity import world as toy_world
-from toy_infinity.fidelity import before_and_after, concept_images, generate, other_objects, train_concept
+from toy_infinity.fidelity import (
+    PROMPT_TEMPLATE,
+    before_and_after,
+    concept_images,
+    generate,
+    other_objects,
+    train_concept,
+)
 from toy_infinity.recogniser import FidelityScorer
 
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -62,7 +69,7 @@ def test_nameable_concepts_never_appear_in_pretraining_and_unnamed_kinds_are_nev
             assert sum(o.kind == concept.kind for o in objects) > 150
             assert sum(o.colour == concept.colour for o in objects) > 200
         else:  # drawn, but only ever called a thing
-            assert shown > 10 and concept.initializer == toy_world.GENERIC_KIND_WORD
+            assert shown > 10 and concept.description == f"{concept.colour} {toy_world.GENERIC_KIND_WORD}"
 
 
 def test_a_concepts_images_are_different_views_none_of_them_in_pretraining():
@@ -199,23 +206,21 @@ def test_fidelity_ranks_a_concepts_own_images_above_other_objects():
 
 def test_the_learned_token_beats_the_best_words(tmp_path):
     """The main job for real, with the training script's default recipe and the demo's concept: the
-    script learns <blue-heart> from its 8 images on the toy Infinity; "a photo of a <blue-heart>" then
-    shows a blue heart far more often than the best description in words, "a photo of a blue thing",
-    and than the initializer word alone, "a photo of a thing" (same sampling seeds)."""
+    script learns <blue-heart> from its 8 images on the toy Infinity, starting from the best words
+    ("blue thing"); "a photo of a <blue-heart>" then shows a blue heart far more often than those
+    words, "a photo of a blue thing" (same sampling seeds)."""
     name = "blue-heart"
     concept = toy_world.HELD_OUT_CONCEPTS[name]
     embedding = train_concept(TOY_MODEL, CONCEPTS, name, str(tmp_path / name))
     assert os.path.isfile(os.path.join(embedding, "learned_embeds.safetensors"))
-    before, after = before_and_after(TOY_MODEL, embedding, name, num_images=NUM_IMAGES, seed=0)
-    words = generate(InfinityPipeline.from_pretrained(TOY_MODEL), concept.words_prompt, NUM_IMAGES, seed=0)
+    words, after = before_and_after(TOY_MODEL, embedding, name, num_images=NUM_IMAGES, seed=0)
+    assert PROMPT_TEMPLATE.format(concept.initializer) == concept.words_prompt  # the start is the words
     scorer = FidelityScorer()
-    before, words, after = (scorer.score(images, name) for images in (before, words, after))
-    # Measured on these 32 sampling seeds (benchmarks/bench_toy_fidelity.py, training seed 0): "a thing"
-    # 0.001, words 0.094, learned token 0.321; over 3 training seeds: token 0.355 ± 0.040, worst 0.308.
-    # The margins sit below the measured gains (0.23 and 0.32), yet fail when learning fails: the token
-    # starts as "thing", which draws a blue heart no more often than the words.
-    assert after.mean() - words.mean() > 1.5 * MARGIN, (words.tolist(), after.tolist())
-    assert after.mean() - before.mean() > 2 * MARGIN, (before.tolist(), after.tolist())
+    words, after = (scorer.score(images, name) for images in (words, after))
+    # Measured on these 32 sampling seeds (benchmarks/bench_toy_fidelity.py): words 0.094, learned
+    # token 0.749 at training seed 0; over 3 training seeds the worst is 0.571. The margin sits well
+    # below the measured gain, yet fails when learning fails: the token starts as the words.
+    assert after.mean() - words.mean() > 3 * MARGIN, (words.tolist(), after.tolist())
 
 
 @pytest.fixture

@@ -120,13 +120,18 @@ class HeldOutConcept:
 
     @property
     def initializer(self) -> str:
-        """The closest one word gets: the kind's word."""
-        return kind_word(self.kind)
+        """Where training starts, as a user would choose it: the kind's word where one exists, else
+        the best words ("blue thing"; measured in docs/recipe-choices.md, "Copies kept at the start")."""
+        return self.kind if self.nameable else self.description
+
+    @property
+    def description(self) -> str:
+        return f"{self.colour} {kind_word(self.kind)}"
 
     @property
     def words_prompt(self) -> str:
         """The best plain-words description, the baseline a learned token must beat."""
-        return f"a photo of a {self.colour} {self.initializer}"
+        return f"a photo of a {self.description}"
 
 
 HELD_OUT_CONCEPTS: dict[str, HeldOutConcept] = {
