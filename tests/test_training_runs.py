@@ -102,7 +102,7 @@ def test_two_processes_without_a_seed_share_one_and_resume_exactly(tiny_pipeline
     assert len(ranks[0]) == len(ranks[1]) == 3  # 6 batches of one image, 3 (odd) per process
     assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(6))  # each once
     assert final_embedding(part)[1] == "2"
-    seed = json.loads((part / "run.json").read_text())["seed"]
+    seed = json.loads((part / train.RUN_RECORD_NAME).read_text())["seed"]
     result = launch_two_processes(SCRIPT, argv(part, "4", "--resume_from_checkpoint", "latest"), 29583)
     assert result.returncode == 0, result.stderr[-3000:]
     result = launch_two_processes(SCRIPT, argv(full, "4", "--seed", seed), 29585)
