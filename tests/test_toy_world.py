@@ -119,6 +119,22 @@ def test_concept_folders_of_any_kind_and_colour(tmp_path, monkeypatch, capsys):
     assert list(toy_world.read_concepts(CONCEPTS)) == list(toy_world.HELD_OUT_CONCEPTS)
 
 
+def test_concept_folders_of_one_size_hold_the_same_objects(tmp_path, monkeypatch):
+    """--size draws every image of a set at one size and changes nothing else: each image of the
+    set without it is its small or its large version, and the two versions differ."""
+    sets = {}
+    for size in (None, "small", "large"):
+        out = tmp_path / str(size)
+        argv = ["world.py", "--out", str(out), "--images_per_concept", "6", "--seed", "21000"]
+        monkeypatch.setattr("sys.argv", [*argv, "--concept", "cross:pink"] + (["--size", size] if size else []))
+        toy_world.main()
+        sets[size] = pixels(concept_images(str(out), "pink-cross"))
+    for mixed, small, large in zip(sets[None], sets["small"], sets["large"]):
+        assert not np.array_equal(small, large)
+        assert np.array_equal(mixed, small) or np.array_equal(mixed, large)
+    assert not np.array_equal(sets[None], sets["small"]) and not np.array_equal(sets[None], sets["large"])
+
+
 def test_the_concept_loss_benchmark_reads_the_concepts_of_its_folder(tmp_path, monkeypatch, capsys):
     """bench_toy_concept_loss.py --concepts_dir takes the concept (and its words) from that folder's
     concepts.json, as bench_toy_fidelity.py does, not from the held-out list."""

@@ -37,7 +37,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -306,10 +306,12 @@ def caption_corpus(n: int, seed: int) -> list[str]:
     return [describe(sample_object(rng, pretraining=True), rng) for _ in range(n)]
 
 
-def render_concept_images(concept: HeldOutConcept, n: int, seed: int) -> list[Image.Image]:
-    """n images of a concept, at random sizes, backgrounds and views."""
+def render_concept_images(concept: HeldOutConcept, n: int, seed: int, size: str | None = None) -> list[Image.Image]:
+    """n images of a concept, at random sizes, backgrounds and views; with `size`, the same objects
+    all at that size."""
     rng = np.random.default_rng(seed)
-    return [render(sample_object(rng, kind=concept.kind, colour=concept.colour)) for _ in range(n)]
+    objects = [sample_object(rng, kind=concept.kind, colour=concept.colour) for _ in range(n)]
+    return [render(replace(obj, size=size) if size else obj) for obj in objects]
 
 
 # ---- writing the concept folders -------------------------------------------------------------------
@@ -351,16 +353,24 @@ def parse_args():
         help="KIND:COLOUR, e.g. triangle:green (repeatable): other concepts, named COLOUR-KIND. Default: the "
         "held-out concepts. A pairing pretraining showed is words' home ground; an unnamed kind is not.",
     )
+    p.add_argument(
+        "--size",
+        choices=tuple(SIZES),
+        help="Every image at this size (the same objects, backgrounds and views as without it). Default: each "
+        "image's own, at random.",
+    )
     return p.parse_args()
 
 
-def write_concepts(out: str, concepts: list[HeldOutConcept], images_per_concept: int, seed: int) -> None:
-    """Concept i's images (from seed + i) in out/<name>/, and their concepts.json."""
+def write_concepts(
+    out: str, concepts: list[HeldOutConcept], images_per_concept: int, seed: int, size: str | None = None
+) -> None:
+    """Concept i's images (from seed + i, all of `size` if given) in out/<name>/, and their concepts.json."""
     metadata = {}
     for i, concept in enumerate(concepts):
         folder = os.path.join(out, concept.name)
         os.makedirs(folder, exist_ok=True)
-        for j, image in enumerate(render_concept_images(concept, images_per_concept, seed + i)):
+        for j, image in enumerate(render_concept_images(concept, images_per_concept, seed + i, size)):
             image.save(os.path.join(folder, f"{j:02d}.png"))
         metadata[concept.name] = {
             "placeholder_token": f"<{concept.name}>",
@@ -381,7 +391,7 @@ def write_concepts(out: str, concepts: list[HeldOutConcept], images_per_concept:
 def main():
     args = parse_args()
     concepts = args.concept or list(HELD_OUT_CONCEPTS.values())
-    write_concepts(args.out, concepts, args.images_per_concept, args.seed)
+    write_concepts(args.out, concepts, args.images_per_concept, args.seed, args.size)
     print(f"wrote {len(concepts)} concepts to {args.out}")
 
 
