@@ -10,7 +10,7 @@ scales are given is one the model cannot draw even when its layout is settled; a
 once the first few scales are given is drawable, and only the choice between kinds is left to the
 prompt. `--pretraining_views` renders in the 8 poses pretraining shows instead of new ones.
 
-`--learned_embeds DIR` (a training run's output on a held-out concept) asks the same of a learned
+`--learned_embeds DIR` (a training run's output on a concept of the toy world) asks the same of a learned
 token: the concept's kind in the concept's colour, drawn from its words and from the token. Where
 the token beats the words only on free draws, it acts by choosing the first scales; where it also
 finishes a rendered layout better, it acts at the scales where the kind is settled.
@@ -51,7 +51,8 @@ def parse_args():
     p.add_argument(
         "--learned_embeds",
         default=None,
-        help="A learned held-out concept (training output folder or file): its kind and colour, words against token.",
+        help="A learned concept of the toy world, <COLOUR-KIND> (training output folder or file): its kind and colour, "
+        "words against token.",
     )
     p.add_argument("--output", default=None, help="Default: outputs/toy-drawability[-CONCEPT].json")
     p.add_argument("--threads", type=int, default=None)
@@ -68,7 +69,7 @@ def main():
         token_pipe, token_prompt, placeholder = toy_fidelity.with_learned_concept(
             args.pretrained_model_name_or_path, args.learned_embeds
         )
-        concept = toy_world.HELD_OUT_CONCEPTS[placeholder.strip("<>")]
+        concept = toy_world.concept_named(placeholder.strip("<>"))
         colour, kinds = concept.colour, [concept.kind]
         output = args.output or os.path.join(ROOT, "outputs", f"toy-drawability-{concept.name}.json")
         prompts = {concept.kind: [(pipe, concept.words_prompt), (token_pipe, token_prompt)]}

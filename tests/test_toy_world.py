@@ -119,6 +119,16 @@ def test_concept_folders_of_any_kind_and_colour(tmp_path, monkeypatch, capsys):
     assert list(toy_world.read_concepts(CONCEPTS)) == list(toy_world.HELD_OUT_CONCEPTS)
 
 
+def test_a_concept_is_found_by_its_folder_name():
+    """The benchmarks read a learned concept's kind and colour from its placeholder, <COLOUR-KIND>."""
+    assert toy_world.concept_named("pink-cross") == toy_world.HELD_OUT_CONCEPTS["pink-cross"]
+    moon = toy_world.concept_named("yellow-moon")
+    assert (moon.kind, moon.colour, moon.words_prompt) == ("moon", "yellow", "a photo of a yellow thing")
+    for name in ("yellow-moon-2", "mauve-moon", "moon"):
+        with pytest.raises(ValueError, match="names no concept of the toy world"):
+            toy_world.concept_named(name)
+
+
 def test_concept_folders_of_one_size_hold_the_same_objects(tmp_path, monkeypatch):
     """--size draws every image of a set at one size and changes nothing else: each image of the
     set without it is its small or its large version, and the two versions differ."""

@@ -341,6 +341,15 @@ def concept_spec(text: str) -> HeldOutConcept:
     return HeldOutConcept(f"{colour}-{kind}", kind, colour)
 
 
+def concept_named(name: str) -> HeldOutConcept:
+    """The concept a folder written by `main` is named after: COLOUR-KIND (`yellow-moon`)."""
+    colour, _, kind = name.partition("-")
+    try:
+        return concept_spec(f"{kind}:{colour}")
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"{name!r} names no concept of the toy world: COLOUR-KIND, e.g. yellow-moon") from None
+
+
 def parse_args():
     p = argparse.ArgumentParser(description="Write the held-out concept images and their metadata.")
     p.add_argument("--out", default=os.path.join("examples", "concepts"))
