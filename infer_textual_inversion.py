@@ -222,7 +222,7 @@ def parse_args(argv=None):
         "--batch_size",
         type=int,
         default=4,
-        help=f"Images generated together ({allowed('batch_size')}; does not change the images).",
+        help=f"Images generated together ({allowed('batch_size')}; the same images, a pixel at most one level apart).",
     )
     parser.add_argument(
         "--pn",

@@ -266,9 +266,11 @@ def test_diffusers_and_a1111_files_load(tiny_pipeline_dir, tmp_path):
 @pytest.mark.usefixtures("fast")
 def test_images_equal_the_training_scripts_validation(trained, tiny_pipeline_dir, tmp_path):
     """Same generation code, same vectors, same batches: inference redraws the last validation
-    grid exactly."""
+    grid exactly. Validation draws one image at a time, so inference does too here: batched float
+    math may differ in the last bits on some CPUs (seen: 48 pixels one level apart in a batch of 2)."""
     out = tmp_path / "out"
-    run(tiny_pipeline_dir, trained, out, "--prompt", f"a photo of a {PLACEHOLDER}", "--num_images", "2")
+    prompt = f"a photo of a {PLACEHOLDER}"
+    run(tiny_pipeline_dir, trained, out, "--prompt", prompt, "--num_images", "2", "--batch_size", "1")
     images = [Image.open(out / f"a-photo-of-a-[blob]_seed0_{i}.png") for i in range(2)]
     assert [im.size for im in images] == [(64, 64)] * 2
     labels = {"row_labels": [f"a photo of a {PLACEHOLDER}"], "column_labels": ["seed 0", "seed 1"]}
@@ -706,7 +708,9 @@ def test_load_textual_inversion_draws_the_scripts_images(trained, tiny_pipeline_
     pipe = InfinityPipeline.from_pretrained(tiny_pipeline_dir)
     assert pipe.load_textual_inversion(trained) == [PLACEHOLDER]
     assert all(same(a, b) for a, b in zip(generate_images(pipe, prompt, 2, seed=0, schedule=trimmed()), files))
-    assert same(pipe(prompt, seed=1, schedule=trimmed()).images[0], files[1])
+    # alone instead of in a batch of two: the same bits, batched float arithmetic may round a pixel apart
+    alone = np.asarray(pipe(prompt, seed=1, schedule=trimmed()).images[0]).astype(int)
+    assert np.abs(alone - files[1].astype(int)).max() <= 1
 
 
 def test_a_placeholder_in_a_prompt_gets_all_its_vectors(tiny_pipeline_dir, tmp_path):
