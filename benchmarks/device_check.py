@@ -8,7 +8,7 @@ a vector per scale (--vector_layout per_scale, the row "per_scale"), with and wi
 Then seconds per generated image (CFG 3, VAE decode). Random weights: time and memory do not
 depend on them.
 
-    bash benchmarks/device_check.sh              # on the GPU machine (63 s on an H200)
+    bash benchmarks/device_check.sh              # on the GPU machine (258 s on an H200)
     bash benchmarks/device_check.sh --dry-run    # the same code, tiny model on the CPU (CI)
 """
 

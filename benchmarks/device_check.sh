@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (at most 10 minutes; the benchmark alone took 63 s on an H200):
+# The one script a GPU session runs (at most 10 minutes: 258 s on an H200):
 #   1. the benchmark: TI step time and peak memory on the Infinity-2B architecture at 0.25M and 1M, each
 #      --ti_mode, with and without --gradient_checkpointing, the step / forward ratio, seconds per image at 1M;
 #   2. the scripts themselves on CUDA: a random Infinity-2B-shaped model (and flan-T5-XL-shaped encoder) saved
