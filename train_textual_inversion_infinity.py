@@ -13,7 +13,8 @@ coarser scales, conditioned on captions that contain the placeholder; by default
 half of the scales (--train_scales half), where a concept's colour, layout and shape are chosen. On
 the 1x1 scale, the picture's overall tone, the target is what the frozen model draws for the concept
 at its start (--prior_scales, --prior_weight), so the token learns the concept, not its images'
-backgrounds.
+backgrounds. What the run validates and saves is a moving average of the vectors over about the
+last 20 steps (--ema_decay).
 """
 
 import argparse
@@ -97,11 +98,11 @@ RECIPE_FLAGS = (
     "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps",
     "lr_num_cycles", "adam_beta1", "adam_beta2", "adam_epsilon", "adam_weight_decay", "max_grad_norm",
     "self_correction_strength", "self_correction_scales", "train_scales", "reweight_loss_by_scale",
-    "prior_scales", "prior_weight", "text_encoder_dtype",
+    "prior_scales", "prior_weight", "ema_decay", "text_encoder_dtype",
 )  # fmt: skip
 # What a run recorded before these flags existed did: a resume of it must keep that, not take
 # the flag's present default.
-RECORDED_BEFORE_THE_FLAG = {"vector_layout": "shared", "prior_weight": "0.0"}
+RECORDED_BEFORE_THE_FLAG = {"vector_layout": "shared", "prior_weight": "0.0", "ema_decay": "0.0"}
 RUN_RECORD_NAME = "run.json"  # who the run in --output_dir is: its RECIPE_FLAGS, data, seed, processes, id
 LOCK_NAME = ".lock"  # held by the run writing to --output_dir
 # folder -> its open lock file: held until the run ends (the system drops it when a process dies)
@@ -134,6 +135,7 @@ NUMBER_RULES = {
     "adam_weight_decay": ("a number of at least 0", lambda x: math.isfinite(x) and x >= 0),
     "adam_beta1": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
     "adam_beta2": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
+    "ema_decay": ("in [0, 1)", _finite_in(0, 1, high_included=False)),
     **{name: ("in [0, 1]", _finite_in(0, 1)) for name in ("self_correction_strength", "prior_weight")},
 }  # fmt: skip
 
@@ -308,6 +310,15 @@ def parse_args(argv=None):
         help=(
             "Keep each vector's starting norm and train only its direction (no norm inflation; one learning rate fits "
             "every model); --no-hold_norm trains the vectors freely."
+        ),
+    )
+    parser.add_argument(
+        "--ema_decay",
+        type=float,
+        default=0.95,
+        help=(
+            "Validate and save an exponential moving average of the vectors with this decay per step (0.95: about the "
+            "last 20 steps); 0 saves the last step's vectors."
         ),
     )
     parser.add_argument(
@@ -1084,10 +1095,10 @@ def embedding_metadata(args, pipe, num_vectors: int) -> dict:
 
 
 def save_embedding(path: str, args, concept: ConceptTokens, learned: LearnedVectors, metadata: dict, step: int) -> None:
-    """The learned vectors as learned_embeds.safetensors, with what inference needs to use them
-    (`metadata`: the model and tokenizer, see `embedding_metadata`). Non-finite vectors are never
-    written: the last good file stays."""
-    vectors = learned.vectors.detach().float().cpu()
+    """The learned vectors (their moving average with --ema_decay) as learned_embeds.safetensors,
+    with what inference needs to use them (`metadata`: the model and tokenizer, see
+    `embedding_metadata`). Non-finite vectors are never written: the last good file stays."""
+    vectors = learned.saved_vectors.detach().float().cpu()
     if not torch.isfinite(vectors).all():
         raise UsageError(f"the vectors of step {step} are not finite; {path} keeps the last good ones")
     concept_file = LearnedConcept(
@@ -1329,7 +1340,7 @@ def save_final_files(args, concept, learned: LearnedVectors, metadata: dict, ste
             args,
             repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
             validation.last_grid,
-            learned.vectors,
+            learned.saved_vectors,
             validation.last_scores,
         )
     if args.push_to_hub:
@@ -1670,10 +1681,10 @@ def all_finite(accelerator: Accelerator, value: torch.Tensor) -> bool:
 def stop_non_finite(
     args, accelerator, concept, learned: LearnedVectors, metadata, last_good, last_good_step, what, step
 ):
-    """Ends the run when the loss or the vectors turn non-finite: the main process puts back and
-    saves the vectors that last gave a finite loss."""
+    """Ends the run when the loss or the vectors turn non-finite: the main process puts back the
+    vectors that last gave a finite loss and saves them (their moving average with --ema_decay)."""
     if accelerator.is_main_process:
-        learned.weight.data.copy_(last_good)
+        learned.load_state_dict(last_good)
         path = os.path.join(args.output_dir, LEARNED_EMBEDS_NAME)
         save_embedding(path, args, concept, learned, metadata, last_good_step)
     raise UsageError(
@@ -1720,7 +1731,7 @@ def main(args):
 
     # 4. The placeholder's tokens and their trainable vectors (float32, outside the frozen model).
     concept = add_concept_tokens(args, pipe.tokenizer, pipe.text_encoder)
-    learned = LearnedVectors(concept.token_ids, concept.start, hold_norm=args.hold_norm).to(accelerator.device)
+    learned = LearnedVectors(concept.token_ids, concept.start, args.hold_norm, args.ema_decay).to(accelerator.device)
     at_start = None  # the prior's vectors: where the concept starts, frozen (per scale: every set starts alike)
     if args.prior_scales > 0 and args.prior_weight > 0:
         start = concept.start[0] if concept.start.dim() == 3 else concept.start
@@ -1772,9 +1783,10 @@ def main(args):
     validation = Validation(args, pipe, concept, data, accelerator)
     validation.restore(run.saved)
     if global_step == 0:
-        validation(0, accelerator.unwrap_model(learned).vectors)
-    # the vectors that last gave a finite loss, saved if the loss or the vectors turn NaN
-    last_good, last_good_step = accelerator.unwrap_model(learned).weight.detach().clone(), global_step
+        validation(0, accelerator.unwrap_model(learned).saved_vectors)
+    # the vectors (and their average) that last gave a finite loss, saved if the loss or the vectors turn NaN
+    last_good = {k: v.clone() for k, v in accelerator.unwrap_model(learned).state_dict().items()}
+    last_good_step = global_step
 
     # 10. The loop. An optimisation step takes --gradient_accumulation_steps batches, or the rest of
     #     the epoch: every epoch starts a step, so that a step never mixes two epochs.
@@ -1797,7 +1809,8 @@ def main(args):
                 if not all_finite(accelerator, loss):
                     stop_non_finite(args, accelerator, concept, accelerator.unwrap_model(learned), metadata,
                                     last_good, last_good_step, "loss", global_step)  # fmt: skip
-                last_good.copy_(accelerator.unwrap_model(learned).weight.detach())
+                for name, value in accelerator.unwrap_model(learned).state_dict().items():
+                    last_good[name].copy_(value)
                 last_good_step = global_step
                 accelerator.backward(loss / (group_end - group_start))
             if not sync:
@@ -1810,6 +1823,7 @@ def main(args):
             if not all_finite(accelerator, accelerator.unwrap_model(learned).weight):
                 stop_non_finite(args, accelerator, concept, accelerator.unwrap_model(learned), metadata,
                                 last_good, last_good_step, "vectors", global_step + 1)  # fmt: skip
+            accelerator.unwrap_model(learned).update_ema_(global_step + 1)  # finite vectors only
 
             global_step += 1
             progress_bar.update(1)
@@ -1822,7 +1836,7 @@ def main(args):
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
             if global_step % args.validation_steps == 0:  # before the checkpoint, which records it
-                validation(global_step, accelerator.unwrap_model(learned).vectors)
+                validation(global_step, accelerator.unwrap_model(learned).saved_vectors)
             save_progress(args, accelerator, concept, learned, metadata, global_step, step_rng,
                           run.identity | validation.state())  # fmt: skip
             if global_step >= args.max_train_steps:

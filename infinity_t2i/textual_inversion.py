@@ -293,11 +293,16 @@ class LearnedVectors(nn.Module):
     With `hold_norm` each vector keeps its starting norm and only its direction trains (as
     Directional Textual Inversion does against norm inflation). The parameter is then the
     direction at unit element RMS, so an Adam step of lr turns a vector by about lr radians,
-    whatever the scale of the model's embeddings: one learning rate fits every model."""
+    whatever the scale of the model's embeddings: one learning rate fits every model.
 
-    def __init__(self, token_ids: list[int], init: torch.Tensor, hold_norm: bool = False):
+    With `ema_decay` > 0 the module also keeps an exponential moving average of the parameter
+    (`update_ema_` after each optimizer step), a buffer, so checkpoints carry it; `saved_vectors`
+    are then the average's vectors (back on the sphere with `hold_norm`), what a run validates and
+    writes, while training reads `vectors`."""
+
+    def __init__(self, token_ids: list[int], init: torch.Tensor, hold_norm: bool = False, ema_decay: float = 0.0):
         super().__init__()
-        self.hold_norm = hold_norm
+        self.hold_norm, self.ema_decay = hold_norm, ema_decay
         init = init.detach().float()
         self.register_buffer("token_ids", torch.tensor(token_ids), persistent=False)
         if hold_norm:
@@ -309,22 +314,43 @@ class LearnedVectors(nn.Module):
             )
         else:
             self.weight = nn.Parameter(init.clone())
+        if ema_decay > 0:
+            self.register_buffer("ema_weight", self.weight.detach().clone())
 
     @staticmethod
     def _unit_rms(x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) * x.shape[-1] ** 0.5
 
+    def _vectors(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.hold_norm:
+            return weight
+        return weight * (self.norms / weight.shape[-1] ** 0.5)
+
     @property
     def vectors(self) -> torch.Tensor:
-        if not self.hold_norm:
-            return self.weight
-        return self.weight * (self.norms / self.weight.shape[-1] ** 0.5)
+        return self._vectors(self.weight)
+
+    @property
+    def saved_vectors(self) -> torch.Tensor:
+        """The vectors a run validates and saves: the moving average's with `ema_decay`."""
+        if self.ema_decay == 0:
+            return self.vectors
+        return self._vectors(self._unit_rms(self.ema_weight) if self.hold_norm else self.ema_weight)
 
     @torch.no_grad()
     def project_(self) -> None:
         """Back onto the sphere after an optimizer step (a no-op without `hold_norm`)."""
         if self.hold_norm:
             self.weight.copy_(self._unit_rms(self.weight))
+
+    @torch.no_grad()
+    def update_ema_(self, step: int) -> None:
+        """Folds the parameter after optimizer step `step` (1, 2, ...) into the average. The
+        weight (1 - d) / (1 - d^step) is the bias-corrected EMA: step i's parameter counts d^(step - i)
+        and the starting vectors not at all (a no-op without `ema_decay`)."""
+        if self.ema_decay > 0:
+            d = self.ema_decay
+            self.ema_weight.lerp_(self.weight, (1 - d) / (1 - d**step))
 
     def forward(self, input_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """rows (B, L, C) with the vectors in place; per scale (vectors (S, n, C)): (S, B, L, C)."""

@@ -117,6 +117,32 @@ def test_held_norm_vectors_keep_their_norms_and_turn_by_about_the_learning_rate(
     assert torch.allclose(angle[0], angle[1], rtol=0.3)  # the step does not depend on the norm
 
 
+@pytest.mark.parametrize("hold_norm", [False, True])
+def test_the_saved_vectors_are_the_bias_corrected_moving_average_of_the_steps(hold_norm):
+    start = torch.randn(2, 16) * torch.tensor([[3.0], [0.5]])
+    decay = 0.8
+    learned = LearnedVectors([5, 6], start, hold_norm=hold_norm, ema_decay=decay)
+    assert torch.allclose(learned.saved_vectors, learned.vectors, atol=1e-6)  # before any step: the start
+    steps = []
+    for step in range(1, 5):
+        with torch.no_grad():
+            learned.weight.add_(torch.randn_like(learned.weight))
+        learned.project_()
+        learned.update_ema_(step)
+        steps.append(learned.vectors.detach().clone())
+    weights = torch.tensor([decay ** (len(steps) - i) for i in range(1, len(steps) + 1)])
+    average = (weights[:, None, None] * torch.stack(steps)).sum(0) / weights.sum()  # the start counts nothing
+    if hold_norm:  # the average's direction at each vector's own norm
+        average = torch.nn.functional.normalize(average, dim=-1) * start.norm(dim=-1, keepdim=True)
+    assert torch.allclose(learned.saved_vectors, average, atol=1e-5)
+    assert not torch.allclose(learned.saved_vectors, learned.vectors, atol=1e-3)
+    assert "ema_weight" in learned.state_dict()  # checkpoints carry it
+    plain = LearnedVectors([5, 6], start, hold_norm=hold_norm)
+    assert "ema_weight" not in plain.state_dict() and plain.saved_vectors is not None
+    plain.update_ema_(1)  # a no-op without a decay
+    assert torch.equal(plain.saved_vectors, plain.vectors)
+
+
 @pytest.mark.parametrize(
     "template", OBJECT_TEMPLATES + STYLE_TEMPLATES + ["{}, on a table.", "a {}: close up", "({}) in snow"]
 )

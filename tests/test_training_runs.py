@@ -224,13 +224,32 @@ def test_a_run_recorded_before_a_flag_existed_resumes_only_as_it_ran(tiny_pipeli
     out = tmp_path / "out"
     run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1")
     today = json.loads((out / train.RUN_RECORD_NAME).read_text())
-    older = {k: v for k, v in today.items() if k not in ("vector_layout", "prior_scales", "prior_weight")}
-    with pytest.raises(train.UsageError, match="--prior_weight 0.0, this run has --prior_weight 1.0"):
-        train.check_recipe("checkpoint-2", older, today)  # it ran without the prior, today's default has it
-    train.check_recipe("checkpoint-2", older, today | {"prior_weight": "0.0"})
+    older = {k: v for k, v in today.items() if k not in ("vector_layout", "prior_scales", "prior_weight", "ema_decay")}
+    # it ran without the prior and the average, today's defaults have them
+    with pytest.raises(
+        train.UsageError, match="--prior_weight 0.0 --ema_decay 0.0, this run has --prior_weight 1.0 --ema_decay 0.95"
+    ):
+        train.check_recipe("checkpoint-2", older, today)
+    as_it_ran = today | {"prior_weight": "0.0", "ema_decay": "0.0"}
+    train.check_recipe("checkpoint-2", older, as_it_ran)
     with pytest.raises(train.UsageError, match="--vector_layout shared, this run has --vector_layout per_scale"):
-        train.check_recipe("checkpoint-2", older, today | {"prior_weight": "0.0", "vector_layout": "per_scale"})
+        train.check_recipe("checkpoint-2", older, as_it_ran | {"vector_layout": "per_scale"})
     train.check_recipe("a new run", {}, today)  # a new run has no record to keep
+
+
+def test_the_saved_embedding_is_the_moving_average_of_the_steps_vectors(tiny_pipeline_dir, concept_dir, tmp_path):
+    # the same run twice: without the average, saving every step's vectors; with decay 0.5
+    raw, averaged = tmp_path / "raw", tmp_path / "averaged"
+    common = ("--max_train_steps", "4", "--learning_rate", "0.1")
+    run(tiny_pipeline_dir, concept_dir, raw, *common, "--ema_decay", "0", "--save_steps", "1")
+    run(tiny_pipeline_dir, concept_dir, averaged, *common, "--ema_decay", "0.5")
+    steps = torch.stack([load_file(raw / f"learned_embeds-steps-{i}.safetensors")[PLACEHOLDER] for i in range(1, 5)])
+    weights = torch.tensor([0.5**3, 0.5**2, 0.5, 1.0])[:, None, None]
+    average = (weights * steps).sum(0) / weights.sum()  # held norms: its direction at their norm
+    average = torch.nn.functional.normalize(average, dim=-1) * steps[-1].norm(dim=-1, keepdim=True)
+    vectors, step = final_embedding(averaged)
+    assert step == "4" and torch.allclose(vectors, average, atol=1e-5)
+    assert torch.equal(final_embedding(raw)[0], steps[-1]) and not torch.allclose(vectors, steps[-1], atol=1e-3)
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_with_its_seed(tiny_pipeline_dir, concept_dir, tmp_path):
@@ -318,6 +337,8 @@ def test_non_finite_vectors_are_never_written(tmp_path):
         ("--self_correction_scales", "-1", "--self_correction_scales must be at least 0"),
         ("--prior_scales", "-1", "--prior_scales must be at least 0, got -1"),
         ("--prior_weight", "1.5", "--prior_weight must be in [0, 1], got 1.5"),
+        ("--ema_decay", "1", "--ema_decay must be in [0, 1), got 1.0"),
+        ("--ema_decay", "-0.5", "--ema_decay must be in [0, 1)"),
         ("--overwrite_output_dir", "--resume_from_checkpoint=latest", "give one of them"),
     ],
 )
