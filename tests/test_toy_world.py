@@ -5,6 +5,8 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -205,6 +207,57 @@ def test_the_fidelity_benchmark_renders_fresh_sets_per_render_seed_and_judges_th
     assert bench.meets_the_bar(heart, 0.24, [0.61, 0.60, 0.62], kept)
     assert not bench.meets_the_bar(heart, 0.24, [0.95, 0.55, 0.35], kept)  # mean 0.62, worst 0.35
     assert not bench.meets_the_bar(heart, 0.24, [0.7, 0.7, 0.7], [0.95, 0.89, 1.0])  # the background lost once
+
+
+def test_the_benchmarks_suite_is_the_committed_sets_and_the_renders_of_the_tables(tmp_path, monkeypatch):
+    """--suite: the committed concepts and SUITE's image sets, the fresh ones the very images of
+    --fresh ... --render_seeds 7000 9000, on which docs/recipe-choices.md's tables were measured."""
+    bench = load_benchmark("bench_toy_fidelity")
+    monkeypatch.setattr("sys.argv", ["bench", "--output_dir", str(tmp_path / "suite"), "--suite"])
+    folders = bench.image_sets(bench.parse_args())
+    assert folders[0] == CONCEPTS and [os.path.basename(f) for f in folders[1:]] == list(bench.SUITE)
+    names = [list(toy_world.read_concepts(f)) for f in folders]
+    assert sum(map(len, names)) == 26 and names[2] == ["yellow-heart", "green-star", "pink-cross", "purple-triangle"]
+    monkeypatch.setattr("sys.argv", ["bench", "--output_dir", str(tmp_path / "fresh"), "--render_seeds", "7000"]
+                        + [arg for spec in bench.FRESH_KINDS for arg in ("--fresh", spec)])  # fmt: skip
+    (fresh,) = bench.image_sets(bench.parse_args())
+    for name in names[2]:
+        ours, theirs = concept_images(folders[2], name), concept_images(fresh, name)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+
+
+def test_the_fidelity_benchmark_scores_the_same_in_parallel_jobs_and_summarises_the_rows(tmp_path):
+    """--jobs 2 runs each concept in a single-threaded process of its own: the same scores as one at
+    a time (single-threaded too), merged into one results.json; the bar table ends with the mean,
+    the mean worst run and the mean gap between runs."""
+    bench = os.path.join(ROOT, "benchmarks", "bench_toy_fidelity.py")
+    results, tables = {}, {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs-{jobs}"
+        command = [sys.executable, bench, "--concept", "pink-cross", "--concept", "blue-heart", "--seeds", "0", "1",
+                   "--setting", "quick=--max_train_steps 2", "--num_images", "1",
+                   "--output_dir", str(out), "--jobs", jobs]  # fmt: skip
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[jobs] = json.loads((out / "results.json").read_text())
+        tables[jobs] = done.stdout[done.stdout.index("The bar") :]
+    assert sorted(results["2"]) == ["blue-heart", "pink-cross"]
+    for entry in (*results["1"].values(), *results["2"].values()):
+        for run in entry["runs"]["quick"].values():
+            del run["train_seconds"]
+    assert results["1"] == results["2"]
+    assert tables["1"] == tables["2"].replace(str(tmp_path / "jobs-2"), str(tmp_path / "jobs-1"))
+    runs = [
+        [sum(run["plain"]) / len(run["plain"]) for run in e["runs"]["quick"].values()] for e in results["1"].values()
+    ]
+    summary = next(line for line in tables["1"].splitlines() if line.startswith("| **mean; mean worst run"))
+    expected = [
+        sum(sum(r) / 2 for r in runs) / 2,
+        sum(min(r) for r in runs) / 2,
+        sum(max(r) - min(r) for r in runs) / 2,
+    ]
+    assert summary.split("|")[4].strip() == "; ".join(f"{x:.3f}" for x in expected)
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
