@@ -119,6 +119,7 @@ def test_held_norm_vectors_keep_their_norms_and_turn_by_about_the_learning_rate(
 
 @pytest.mark.parametrize("hold_norm", [False, True])
 def test_the_saved_vectors_are_the_bias_corrected_moving_average_of_the_steps(hold_norm):
+    torch.manual_seed(0)
     start = torch.randn(2, 16) * torch.tensor([[3.0], [0.5]])
     decay = 0.8
     learned = LearnedVectors([5, 6], start, hold_norm=hold_norm, ema_decay=decay)
