@@ -339,14 +339,22 @@ def main():
             jobs = {
                 pool.submit(run_row_in_process, args, key, concept, folder): key for key, _, concept, folder in rows
             }
+            failed = []
             for job in as_completed(jobs):
-                key, entry = jobs[job], results.setdefault(jobs[job], {"runs": {}})
-                done = job.result()
+                key = jobs[job]
+                try:
+                    done = job.result()
+                except RuntimeError as e:  # the others' runs are kept
+                    failed.append(str(e))
+                    continue
+                entry = results.setdefault(key, {"runs": {}})
                 entry["words"], entry["ceiling"] = done["words"], done["ceiling"]
                 for setting, runs in done["runs"].items():
                     entry["runs"].setdefault(setting, {}).update(runs)
                 write_json(results_path, results)
                 print(f"{key}: done", flush=True)
+        if failed:
+            raise SystemExit("\n".join(failed))
     elif not args.table_only:
         scorer = FidelityScorer()
         for key, _, concept, folder in rows:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,6 +259,25 @@ def test_the_fidelity_benchmark_scores_the_same_in_parallel_jobs_and_summarises_
         sum(max(r) - min(r) for r in runs) / 2,
     ]
     assert summary.split("|")[4].strip() == "; ".join(f"{x:.3f}" for x in expected)
+
+
+def test_a_failing_job_of_the_benchmark_keeps_the_others_runs(tmp_path):
+    """--jobs: an image set whose runs fail (here: no images) is named with its log, and the other
+    sets' scores still reach results.json."""
+    good, broken = tmp_path / "good", tmp_path / "broken"
+    for folder, name in ((good, "pink-cross"), (broken, "blue-heart")):
+        folder.mkdir()
+        entry = json.loads((Path(CONCEPTS) / "concepts.json").read_text())[name]
+        (folder / "concepts.json").write_text(json.dumps({name: entry}))
+    os.symlink(os.path.join(CONCEPTS, "pink-cross"), good / "pink-cross")
+    (broken / "blue-heart").mkdir()
+    out = tmp_path / "out"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_toy_fidelity.py"), "--jobs", "2",
+               "--concepts_dir", str(good), "--concepts_dir", str(broken), "--seeds", "0", "--num_images", "1",
+               "--setting", "quick=--max_train_steps 2", "--output_dir", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "broken/blue-heart failed; its log: " in done.stderr, done.stderr[-3000:]
+    assert list(json.loads((out / "results.json").read_text())) == ["good/pink-cross"]
 
 
 def test_committed_toy_model_loads_and_generates_images_of_the_trained_size(toy_pipe):
