@@ -333,7 +333,7 @@ class LearnedVectors(nn.Module):
     @property
     def saved_vectors(self) -> torch.Tensor:
         """The vectors a run validates and saves: the moving average's with `ema_decay`."""
-        if self.ema_decay == 0:
+        if not self.ema_decay > 0:  # the same test as the buffer's
             return self.vectors
         return self._vectors(self._unit_rms(self.ema_weight) if self.hold_norm else self.ema_weight)
 
