@@ -13,7 +13,10 @@ prompt. `--pretraining_views` renders in the 8 poses pretraining shows instead o
 `--learned_embeds DIR` (a training run's output on a concept of the toy world) asks the same of a learned
 token: the concept's kind in the concept's colour, drawn from its words and from the token. Where
 the token beats the words only on free draws, it acts by choosing the first scales; where it also
-finishes a rendered layout better, it acts at the scales where the kind is settled.
+finishes a rendered layout better, it acts at the scales where the kind is settled. Two more rows
+then swap the prompt part way: the first k scales drawn from the words and the rest from the token,
+and the other way round (the sampler re-reads the coarser scales under each new prompt, as with
+vectors per scale). They say at which scales the token draws worse than the words.
 
     python benchmarks/bench_toy_drawability.py                  # 10 kinds x 8 prefixes x 32 images
     python benchmarks/bench_toy_drawability.py --colour blue --num_images 16
@@ -59,6 +62,11 @@ def parse_args():
     return p.parse_args()
 
 
+def at_scale(condition, scale: int):
+    """A prompt's condition at one scale: itself, or its set for that scale (vectors per scale)."""
+    return condition[min(scale, len(condition) - 1)] if isinstance(condition, list) else condition
+
+
 def main():
     args = parse_args()
     start = time.time()
@@ -97,6 +105,17 @@ def main():
                 fidelity.append((p["kind"][:, k_index] * p["colour"][:, c_index]).mean().item())
             rows.append({"kind": kind, "named": kind in toy_world.NAMED_KINDS, "prompt": prompt, "fidelity": fidelity})
             print(f"{kind:8s} {prompt[:28]:28s} " + " ".join(f"{f:7.2f}" for f in fidelity), flush=True)
+    if args.learned_embeds:
+        print("columns: the first k scales drawn from the first prompt named, the rest from the other")
+        words, token = (token_pipe.encode_prompt([p]) for p in (concept.words_prompt, token_prompt))
+        for first, rest, label in ((words, token, "words, then token"), (token, words, "token, then words")):
+            fidelity = []
+            for k in range(len(grids) + 1):
+                conditions = [at_scale(first if s < k else rest, s) for s in range(len(grids))]
+                images = token_pipe([""] * n, pn=toy_world.PN, seed=0, prompt_embeds=conditions).images
+                fidelity.append(scorer.score(images, concept).mean().item())
+            rows.append({"kind": concept.kind, "named": concept.nameable, "prompt": label, "fidelity": fidelity})
+            print(f"{concept.kind:8s} {label:28s} " + " ".join(f"{f:7.2f}" for f in fidelity), flush=True)
     write_json(
         output,
         {"model": args.pretrained_model_name_or_path, "colour": colour, "num_images": args.num_images,
