@@ -51,6 +51,7 @@ from infinity_t2i.pipeline import (
     InfinityPipeline,
     effective_model_type,
     generate_images,
+    load_tokenizer,
     resolve_preset,
     resolve_text_encoder,
 )
@@ -64,6 +65,7 @@ from infinity_t2i.textual_inversion import (
     ConceptError,
     LearnedConcept,
     LearnedVectors,
+    Placeholders,
     add_placeholder_tokens,
     check_new_token,
     ensure_embedding_rows,
@@ -84,6 +86,7 @@ logger = get_logger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # GIF/TIFF: the first frame
 STEP_RNG_NAME = "step_rng.safetensors"
+DEFAULT_CAPTION_COLUMN = "text"  # the datasets imagefolder name: a dataset without it trains on templates
 # Measured on the toy world (README): in output mode 8 vectors, identical copies when the
 # initializer is one piece, give the concept 8 rows of Infinity's cross-attention and beat 4 on
 # plain prompts (the unnamed blue heart 0.51 vs 0.28), while 16 lose the concept.
@@ -243,7 +246,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--caption_column",
         type=str,
-        default="text",
+        default=DEFAULT_CAPTION_COLUMN,
         help="Caption column (of --dataset_name or metadata.jsonl); captions must contain the placeholder.",
     )
     parser.add_argument(
@@ -492,6 +495,19 @@ def parse_args(argv=None):
             f"--placeholder_token {args.placeholder_token!r} is a bare word that would match inside other words; mark "
             f"it, e.g. <{args.placeholder_token}>"
         )
+    placeholder = Placeholders([args.placeholder_token])
+    for prompt in args.validation_prompt or []:
+        try:
+            _, weights = placeholder.take_weights(prompt)
+        except ConceptError as e:
+            parser.error(f"--validation_prompt: {e}")
+        if not placeholder.named(prompt):
+            parser.error(f"--validation_prompt {prompt!r} does not contain {args.placeholder_token}; add it")
+        if weights:  # validation draws the vectors as they are trained
+            parser.error(
+                f"--validation_prompt {prompt!r} weights {args.placeholder_token}; give it without the weight "
+                "(weights are for infer_textual_inversion.py)"
+            )
     return args
 
 
@@ -515,7 +531,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():
             raise ValueError("it holds non-finite pixel values")
-        scale = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+        if image.mode.startswith("I;16"):  # 16-bit, whatever its brightest pixel
+            scale = 65535.0
+        elif image.mode == "F":  # floating point: 0-1 by convention, 0-255 where it goes above 1
+            scale = 1.0 if array.max() <= 1.0 else 255.0
+        else:  # 32-bit integers: 8- or 16-bit data widened
+            scale = 65535.0 if array.max() > 255 else 255.0
         image = Image.fromarray(np.clip(array / scale * 255.0, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -542,8 +563,9 @@ def resize_to(image: Image.Image, size: tuple[int, int], center_crop: bool) -> I
 
 
 def read_text(path: str) -> str:
+    """UTF-8, with or without the byte-order mark Windows editors write."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
@@ -612,6 +634,10 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
                 f"dataset has no column {args.image_column!r} (columns: {dataset.column_names}); set --image_column"
             )
         has_captions = args.caption_column in dataset.column_names
+        if not has_captions and args.caption_column != DEFAULT_CAPTION_COLUMN:
+            raise UsageError(
+                f"dataset has no column {args.caption_column!r} (columns: {dataset.column_names}); set --caption_column"
+            )
         return [
             (
                 f"{args.dataset_name}[{i}]",
@@ -624,7 +650,9 @@ def _read_images_and_captions(args) -> list[tuple[str, Image.Image, str | None]]
     folder = args.train_data_dir
     if not os.path.isdir(folder):
         raise UsageError(f"--train_data_dir {folder} is not a folder; point it at a folder of images")
-    names = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+    names = sorted(  # not hidden files: macOS writes a "._name.png" of metadata beside each copied image
+        n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and not n.startswith(".")
+    )
     if not names:
         raise UsageError(
             f"--train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add 3-20 photos of "
@@ -844,6 +872,23 @@ class ConceptTokens:
         return expand_placeholders(text, {self.placeholder: self.tokens})
 
 
+def check_concept_words(args) -> None:
+    """The placeholder and the initializer checked against flan-T5's vocabulary with its tokenizer
+    alone, before minutes of loading the models. A tokenizer that cannot be had here is left to
+    the loading, which reports it in its turn."""
+    preset = resolve_preset(args.pretrained_model_name_or_path, args.model_type)
+    try:
+        tokenizer = load_tokenizer(
+            resolve_text_encoder(args.pretrained_model_name_or_path, args.text_encoder_name_or_path, preset)
+        )
+    except ModelFilesNotFound:
+        return
+    pieces = initializer_pieces(tokenizer, args.initializer_token)
+    vocab = tokenizer.get_vocab()
+    for token in placeholder_tokens(args.placeholder_token, max(args.num_vectors, len(pieces))):
+        check_new_token(token, vocab)
+
+
 def add_concept_tokens(args, tokenizer, text_encoder) -> ConceptTokens:
     """Adds the placeholder's tokens to the tokenizer and T5. An initializer of k word pieces gives
     k vectors, one per piece, so that at step 0 the concept draws what the word draws."""
@@ -923,15 +968,21 @@ def shareable_name(name_or_path: str) -> str:
 
 
 def run_files(args) -> list[str]:
-    """The names in --output_dir that a training run writes (what --overwrite_output_dir removes)."""
+    """The names in --output_dir that a training run wrote (what --overwrite_output_dir removes):
+    those only this script writes and, where run.json shows that a run was there, its card, logs,
+    grids and unfinished writes, which could otherwise be the user's own."""
     if not os.path.isdir(args.output_dir):
         return []
-    own = {RUN_RECORD_NAME, LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt", "README.md"}
-    own |= {"validation", os.path.normpath(args.logging_dir).split(os.sep)[0]}
+    own = {RUN_RECORD_NAME, LEARNED_EMBEDS_NAME, "token_identifier.txt", "type_of_concept.txt"}
+    ran_here = os.path.exists(os.path.join(args.output_dir, RUN_RECORD_NAME))
+    if ran_here:
+        own |= {"README.md", "validation", os.path.normpath(args.logging_dir).split(os.sep)[0]}
     return sorted(
         name
         for name in os.listdir(args.output_dir)
-        if name in own or name.startswith(("checkpoint-", "learned_embeds-steps-")) or name.endswith(".tmp")
+        if name in own
+        or name.startswith(("checkpoint-", "learned_embeds-steps-"))
+        or (ran_here and name.endswith(".tmp"))
     )
 
 
@@ -941,6 +992,12 @@ def check_output_dir(args) -> None:
     problem = unwritable_reason(args.output_dir)
     if problem:
         raise UsageError(f"--output_dir: {problem}; choose another folder")
+    readme = os.path.join(args.output_dir, "README.md")
+    if os.path.isfile(readme) and not os.path.exists(os.path.join(args.output_dir, RUN_RECORD_NAME)):
+        raise UsageError(
+            f"--output_dir {args.output_dir} holds a README.md that no training run wrote, and the run's model card "
+            "would replace it; move it away or choose another folder"
+        )
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
     results = [n for n in run_files(args) if n in (RUN_RECORD_NAME, LEARNED_EMBEDS_NAME) or n.startswith("checkpoint-")]
@@ -990,8 +1047,13 @@ def lock_output_dir(output_dir: str) -> None:
 def take_output_dir(args, identity: dict[str, str]) -> None:
     """The first writes, on the main process, once everything has been checked: the folder,
     locked for this run; another run's files removed with --overwrite_output_dir; run.json."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    lock_output_dir(args.output_dir)
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock_output_dir(args.output_dir)
+    except OSError as e:  # writable by its permissions, yet not (a read-only mount, a squashed root)
+        raise UsageError(
+            f"could not write to --output_dir {args.output_dir} ({first_line(e)}); choose another folder"
+        ) from e
     record = read_run_record(args.output_dir)
     if args.overwrite_output_dir:
         for name in run_files(args):
@@ -1460,10 +1522,11 @@ class Validation:
 
 
 def check_inputs(args) -> tuple[list[tuple[str, Image.Image, str | None]], str]:
-    """The data, the output folder and the similarity model, checked before anything is loaded or
-    written; returns the training images and their fingerprint."""
+    """The data, the output folder, the concept's words and the similarity model, checked before
+    anything is loaded or written; returns the training images and their fingerprint."""
     raw_examples = read_examples(args)
     check_output_dir(args)
+    check_concept_words(args)
     if args.validation_similarity_model:  # on every process, so that none goes on alone
         try:
             check_similarity_model(args.validation_similarity_model)

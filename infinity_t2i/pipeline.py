@@ -113,10 +113,9 @@ def default_text_encoder_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: str | None = None):
-    """flan-T5 tokenizer and encoder (the encoder half only, frozen). Loaded in `dtype` by
-    `from_pretrained` and never cast afterwards: a later `.half()` would undo the float32 FFN outputs."""
-    from transformers import AutoTokenizer, T5EncoderModel
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    """flan-T5's tokenizer alone: seconds, where the encoder takes minutes at flan-T5-XL's size."""
+    from transformers import AutoTokenizer
 
     if looks_like_a_path(name_or_path) and not os.path.isdir(name_or_path):
         raise ModelFilesNotFound(
@@ -133,20 +132,35 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: s
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, legacy=True)
+    except OSError as e:
+        raise text_encoder_not_found(name_or_path, e) from e
+    tokenizer.model_max_length = T5_MAX_LENGTH
+    return tokenizer
+
+
+def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: str | None = None):
+    """flan-T5 tokenizer and encoder (the encoder half only, frozen). Loaded in `dtype` by
+    `from_pretrained` and never cast afterwards: a later `.half()` would undo the float32 FFN outputs."""
+    from transformers import T5EncoderModel
+
+    tokenizer = load_tokenizer(name_or_path, revision)
+    try:
         text_encoder = T5EncoderModel.from_pretrained(name_or_path, revision=revision, dtype=dtype)
     except OSError as e:
-        if os.path.isdir(name_or_path):
-            raise ModelFilesNotFound(
-                f"{name_or_path} holds no complete flan-T5 encoder ({type(e).__name__}); it needs config.json, the "
-                "weights "
-                "(model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
-            ) from e
-        raise ModelFilesNotFound(
-            f"could not load the T5 text encoder from {name_or_path!r} ({type(e).__name__}); download "
-            f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"
-        ) from e
-    tokenizer.model_max_length = T5_MAX_LENGTH
+        raise text_encoder_not_found(name_or_path, e) from e
     return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
+
+
+def text_encoder_not_found(name_or_path: str, error: OSError) -> ModelFilesNotFound:
+    if os.path.isdir(name_or_path):
+        return ModelFilesNotFound(
+            f"{name_or_path} holds no complete flan-T5 encoder ({type(error).__name__}); it needs config.json, the "
+            "weights (model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
+        )
+    return ModelFilesNotFound(
+        f"could not load the T5 text encoder from {name_or_path!r} ({type(error).__name__}); download "
+        f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"
+    )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -386,6 +386,10 @@ def test_image_modes_are_converted_to_rgb():
     assert train.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
     assert train.to_rgb(grey16).getpixel((0, 0)) == (255, 255, 255)
+    dark16 = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))  # 16-bit near black, not 8-bit light grey
+    assert train.to_rgb(dark16).getpixel((0, 0)) == (0, 0, 0)
+    unit_float = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")  # floats from 0 to 1
+    assert train.to_rgb(unit_float).getpixel((0, 0)) == (127, 127, 127)
     assert train.to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).mode == "RGB"
     assert train.to_rgb(Image.new("L", (4, 4), 128)).getpixel((0, 0)) == (128, 128, 128)
     assert train.resize_to(Image.new("RGB", (300, 200)), (128, 128), center_crop=True).size == (128, 128)
@@ -420,6 +424,8 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--learning_rate", "nan"], "--learning_rate must be a positive number"),
         ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),
         ("ok", ["--placeholder_token", "irc"], "bare word that would match inside other words; mark it, e.g. <irc>"),
+        ("ok", ["--validation_prompt", "a photo of a dog"], "'a photo of a dog' does not contain <blob>; add it"),
+        ("ok", ["--validation_prompt", "a <blob>:0.5"], "give it without the weight"),
         ("latin1", [], "is not UTF-8 text"),
         ("stray_metadata", [], "names gone.png, not an image in"),
         ("ok", ["--output_dir", "OUTPUT_IS_A_FILE"], "is a file, not a folder; choose another folder"),
@@ -473,6 +479,49 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tiny_pipeline_dir, tmp
         assert "broken.jpg" in err
     if "--resume_from_checkpoint" not in extra:
         assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--placeholder_token", "</s>"], "already in the tokenizer's vocabulary"),
+        (["--initializer_token", "日本"], "unknown to the tokenizer"),
+    ],
+)
+def test_the_concepts_words_are_checked_before_any_model_loads(
+    tiny_pipeline_dir, tmp_path, capsys, monkeypatch, extra, message
+):
+    def load(*args, **kwargs):  # minutes on Infinity-2B and flan-T5-XL
+        raise AssertionError("the models were loaded before the words were checked")
+
+    monkeypatch.setattr(InfinityPipeline, "from_pretrained", load)
+    data = tmp_path / "data"
+    data.mkdir()
+    draw_concept(data / "fine.png")
+    err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, data, tmp_path / "out", *extra), capsys)
+    assert message in err, err
+
+
+def test_captions_with_a_byte_order_mark_and_macos_metadata_files_are_read(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    draw_concept(data / "fine.png")
+    (data / "._fine.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what macOS copies beside an image
+    caption = f"a photo of a {PLACEHOLDER} in the garden"
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "fine.png", "text": caption}) + "\n", "utf-8-sig")
+    examples = train.read_examples(train.parse_args(train_args("no-model", data, tmp_path / "out")))
+    assert [(name, text) for name, _, text in examples] == [("fine.png", caption)]
+
+
+def test_a_dataset_without_the_caption_column_asked_for_is_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    draw_concept(data / "fine.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "fine.png", "text": f"a {PLACEHOLDER}"}) + "\n")
+    argv = train_args("no-model", data, tmp_path / "out", "--caption_column", "captoin")
+    argv[argv.index("--train_data_dir")] = "--dataset_name"
+    with pytest.raises(train.UsageError, match="dataset has no column 'captoin'"):
+        train.read_examples(train.parse_args(argv))
 
 
 def test_report_to_none_writes_no_logs(tiny_pipeline_dir, concept_dir, tmp_path):

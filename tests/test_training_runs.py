@@ -173,6 +173,25 @@ def test_a_used_folder_is_refused_and_overwrite_leaves_only_the_new_run(
     assert final_embedding(out)[0].shape[0] == 8 and "<other>" in (out / "README.md").read_text()
 
 
+def test_the_users_own_files_in_the_output_folder_are_kept(tiny_pipeline_dir, concept_dir, tmp_path, capsys):
+    # before: the model card replaced the user's README.md, and --overwrite_output_dir deleted
+    # their logs/, validation/ and *.tmp files from a folder no run had used
+    out = tmp_path / "out"
+    mine = {"logs/server.log": "mine", "validation/notes.txt": "mine", "data.tmp": "mine", "README.md": "# my project"}
+    for name, text in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    argv = train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1")
+    for extra in ([], ["--overwrite_output_dir"]):
+        err = run_script_expecting_error(SCRIPT, [*argv, *extra], capsys)
+        assert "holds a README.md that no training run wrote" in err, err
+    assert folder_bytes(out) == {name: text.encode() for name, text in mine.items()}
+    (out / "README.md").unlink()
+    run_argv([*argv, "--overwrite_output_dir"])
+    assert all((out / name).read_text() == text for name, text in mine.items() if name != "README.md")
+    assert "<blob>" in (out / "README.md").read_text()  # the card, now that the folder holds a run
+
+
 def test_pruning_keeps_another_runs_checkpoints(tmp_path):
     for step, run_id in ((1, "theirs"), (2, "mine"), (3, "mine")):
         (tmp_path / f"checkpoint-{step}").mkdir()
