@@ -334,7 +334,7 @@ def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
+            with open(args.prompt_file, encoding="utf-8-sig") as f:  # a byte-order mark is not the prompt's
                 prompts += [line.strip() for line in f if line.strip()]
         except OSError as e:
             raise UsageError(f"cannot read --prompt_file {args.prompt_file} ({e.strerror or e})") from e

@@ -325,6 +325,13 @@ def test_file_names_keep_the_learned_token_visible(prompt, name):
     assert infer.slugify(prompt, ["<pc>", "<blue-heart>", "<pc>x"]) == name
 
 
+def test_a_prompt_file_saved_with_a_byte_order_mark_reads_as_its_prompts(tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(f"{PLACEHOLDER} in a garden\na {PLACEHOLDER}\n", encoding="utf-8-sig")  # Windows Notepad
+    args = argparse.Namespace(prompt=None, prompt_file=str(prompt_file))
+    assert infer.read_prompts(args) == [f"{PLACEHOLDER} in a garden", f"a {PLACEHOLDER}"]
+
+
 @pytest.mark.usefixtures("fast")
 def test_files_grids_and_settings_are_written(trained, tiny_pipeline_dir, tmp_path, capsys):
     prompt_file = tmp_path / "prompts.txt"
