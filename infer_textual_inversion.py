@@ -61,6 +61,7 @@ from infinity_t2i.pipeline import (
     InfinityPipeline,
     effective_model_type,
     generate_images,
+    load_tokenizer,
     resolve_preset,
     resolve_text_encoder,
 )
@@ -72,6 +73,7 @@ from infinity_t2i.textual_inversion import (
     ConceptMismatch,
     LearnedConcept,
     Placeholders,
+    check_concept_tokens,
     concept_mismatches,
     is_hub_repo_id,
     load_learned_embeds,
@@ -533,6 +535,10 @@ def main(args):
                 f"{concept.source} ({concept.placeholder}) was trained for {'; '.join(problems)}; load that model, or "
                 "pass --force to use the embedding anyway"
             )
+    try:  # the tokens against the vocabulary, with the tokenizer alone
+        check_concept_tokens(load_tokenizer(text_encoder_name).get_vocab(), loaded)
+    except ModelFilesNotFound:
+        pass  # the model's loading below reports it in its turn
     concepts = {c.placeholder: c for c in loaded}
     jobs = plan_prompts(prompts, args.negative_prompt, concepts, args.compare)
     seeds = [args.seed + i for i in range(args.num_images)]

@@ -583,6 +583,21 @@ def load_learned_embeds(
     return concepts
 
 
+def check_concept_tokens(vocab: Mapping[str, int], concepts: Sequence[LearnedConcept]) -> None:
+    """Every concept's tokens are new words to the tokenizer's `vocab`, and no token is loaded
+    twice: what the tokenizer alone can tell, before a model loads."""
+    seen: dict[str, str] = {}
+    for concept in concepts:
+        where = concept.source or concept.placeholder
+        for token in concept.tokens:
+            if token in seen:
+                raise ConceptError(
+                    f"{token!r} is loaded twice ({seen[token]} and {where}); give one of them another name (--token)"
+                )
+            check_new_token(token, vocab, where, fix="load it under a new name with --token,")
+            seen[token] = where
+
+
 def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) -> dict[str, list[int]]:
     """Makes prompts use the concepts: adds every concept's tokens to the tokenizer as training
     added them, grows the embedding matrix if the spare rows run out, and puts the vectors in
@@ -591,8 +606,6 @@ def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) 
     anything changes; rows of existing tokens are never touched, so prompts without a learned
     token encode exactly as before."""
     width = text_encoder.get_input_embeddings().embedding_dim
-    vocab = tokenizer.get_vocab()
-    seen: dict[str, str] = {}
     for concept in concepts:
         where = concept.source or concept.placeholder
         size = concept.vectors.shape[-1]
@@ -607,13 +620,7 @@ def apply_concepts(tokenizer, text_encoder, concepts: Sequence[LearnedConcept]) 
             raise ConceptError(
                 f"{where}: {len(concept.tokens)} tokens for vectors of shape {tuple(concept.vectors.shape)}"
             )
-        for token in concept.tokens:
-            if token in seen:
-                raise ConceptError(
-                    f"{token!r} is loaded twice ({seen[token]} and {where}); give one of them another name (--token)"
-                )
-            check_new_token(token, vocab, where, fix="load it under a new name with --token,")
-            seen[token] = where
+    check_concept_tokens(tokenizer.get_vocab(), concepts)
     ids = {}
     for concept in concepts:
         ids[concept.placeholder] = add_placeholder_tokens(tokenizer, concept.tokens)

@@ -469,6 +469,8 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(
     elif case == "pickle":
         embeds = tmp_path / "embedding.pt"
         torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "args": argparse.Namespace(lr=1)}, embeds)
+    if case != "clip":  # all but the vectors' width can be told before the model loads (the tokens: by the tokenizer)
+        forbid_model_loads(monkeypatch)
     out = tmp_path / "out"
     if case == "output-is-a-file":  # refused before the model loads, not after the images are made
         write_concept(embeds, "<ok>", 1)
