@@ -537,7 +537,8 @@ def load_learned_embeds(
         state = {f"<{stem}>": state["emb_params"]}
     if not state:
         raise CheckpointError(f"{path} holds no embedding")
-    mode = metadata.get("ti_mode", "input")
+    # without metadata (a copy that lost it, a .bin) the T5 input rows still mark an output-mode concept
+    mode = metadata.get("ti_mode", "output" if any(k.endswith(T5_INPUT_SUFFIX) for k in state) else "input")
     if mode not in TI_MODES:
         raise CheckpointError(
             f"{path}: unknown ti_mode {mode!r} in its metadata (known: {', '.join(TI_MODES)}); it was made by a newer "
@@ -546,6 +547,18 @@ def load_learned_embeds(
     t5_inputs = {
         k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]
     }
+    if t5_inputs.keys() - state.keys() or (t5_inputs and mode != "output"):
+        name = next(iter(t5_inputs.keys() - state.keys() or t5_inputs))
+        raise CheckpointError(
+            f"{path}: {name + T5_INPUT_SUFFIX} belongs to no output-mode embedding {name!r}; the file was changed, use "
+            "the one training wrote"
+        )
+    named = metadata.get("placeholder_token") if metadata.get("format") == FORMAT else None
+    if named is not None and set(state) != {named}:  # this project's file holds its one concept
+        raise CheckpointError(
+            f"{path} holds {sorted(state)} where its metadata names {named!r} alone; the file was changed, use the "
+            "one training wrote"
+        )
     concepts = []
     per_scale = metadata.get("layout") == "per_scale"  # (num_scales, num_vectors, C), output mode
     for name, vectors in state.items():
@@ -574,6 +587,10 @@ def load_learned_embeds(
             raise CheckpointError(f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {rows}")
         if per_scale and mode != "output":
             raise CheckpointError(f"{path}: entry {name!r} has vectors per scale, which only output mode has")
+        if mode == "output" and not torch.isfinite(t5_input).all():
+            raise CheckpointError(
+                f"{path}: {name + T5_INPUT_SUFFIX} holds non-finite values (NaN or inf); use an earlier save"
+            )
         t5_input = t5_input.float() if mode == "output" else None
         concepts.append(
             LearnedConcept(placeholder, tokens, vectors, metadata, source=path, mode=mode, t5_input=t5_input)

@@ -189,6 +189,38 @@ def test_an_output_mode_file_needs_its_t5_input_rows(tmp_path):
         load_learned_embeds(path)
 
 
+def test_a_file_without_its_metadata_keeps_its_mode_and_a_changed_one_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    concept = LearnedConcept("<x>", ["<x>", "<x>_1"], torch.randn(2, 8, generator=g), {}, mode="output",
+                             t5_input=torch.randn(2, 8, generator=g))  # fmt: skip
+    path = str(tmp_path / LEARNED_EMBEDS_NAME)
+    save_learned_embeds(path, concept)
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    # a copy without metadata (re-saved, or a .bin): before, it loaded as input mode and drew otherwise
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    (bare,) = load_learned_embeds(str(tmp_path / "bare.safetensors"))
+    assert bare.mode == "output" and torch.equal(bare.t5_input, concept.t5_input)
+
+    def changed(**entries) -> str:
+        changed_path = str(tmp_path / "changed.safetensors")
+        save_file({**tensors, **entries}, changed_path, metadata=metadata)
+        return changed_path
+
+    nan_rows = concept.t5_input.clone()
+    nan_rows[0, 0] = float("nan")  # before: loaded, and the sampler failed on NaN probabilities
+    with pytest.raises(CheckpointError, match=r"<x>\.t5_input holds non-finite values"):
+        load_learned_embeds(changed(**{"<x>.t5_input": nan_rows}))
+    with pytest.raises(CheckpointError, match=r"where its metadata names '<x>' alone"):  # before: a second concept
+        load_learned_embeds(changed(**{"<y>": torch.randn(1, 8), "<y>.t5_input": torch.randn(1, 8)}))
+    with pytest.raises(CheckpointError, match=r"<z>\.t5_input belongs to no output-mode embedding"):  # before: dropped
+        load_learned_embeds(changed(**{"<z>.t5_input": torch.randn(1, 8)}))
+
+
 def test_per_scale_vectors_start_where_the_shared_set_starts(tiny_pipeline_dir, concept_dir, tmp_path):
     # at step 0 every scale's set is the shared set: the validation images are the same, bit for bit
     grids = {}
