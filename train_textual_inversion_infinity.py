@@ -60,6 +60,7 @@ from infinity_t2i.similarity import ConceptSimilarity, check_similarity_model
 from infinity_t2i.text import T5_MAX_LENGTH, TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
     LEARNED_EMBEDS_NAME,
+    T5_INPUT_SUFFIX,
     TEMPLATES,
     TI_MODES,
     ConceptError,
@@ -1175,7 +1176,9 @@ def save_embedding(path: str, args, concept: ConceptTokens, learned: LearnedVect
         save_learned_embeds(path, concept_file)
 
 
-def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Tensor, scores: dict) -> None:
+def save_model_card(args, learned_embeds: str, grid_name: str | None, vectors: torch.Tensor, scores: dict) -> None:
+    """README.md: the hub's card. `learned_embeds` is what its command loads: the hub repo, or
+    path/to/ the output folder's name (no local path reaches a card that may be uploaded)."""
     base, on_hub = args.pretrained_model_name_or_path, is_hub_repo_id(args.pretrained_model_name_or_path)
     card_data = ModelCardData(
         license="mit",
@@ -1190,6 +1193,9 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
     placeholder = args.placeholder_token
     where = "T5 output features, --ti_mode output" if args.ti_mode == "output" else "input embedding, --ti_mode input"
     sets = f" for each of {vectors.shape[0]} generation scales" if vectors.dim() == 3 else ""
+    entries = f'"{placeholder}": {tuple(vectors.shape)}'
+    if args.ti_mode == "output":  # and the T5 input rows the vectors' tokens read
+        entries += f', "{placeholder}{T5_INPUT_SUFFIX}": {tuple(vectors.shape[-2:])}'
     grid = f"\n![validation images]({grid_name})\n" if grid_name else ""
     if scores:  # mean cosine similarities, --validation_similarity_model
         prompt_score = f", to their prompt {scores['prompt_to_image']:.3f}" if "prompt_to_image" in scores else ""
@@ -1202,21 +1208,21 @@ def save_model_card(args, repo_id: str, grid_name: str | None, vectors: torch.Te
 {card_data.to_yaml()}
 ---
 
-# Textual inversion: {placeholder} for Infinity ({model_type})
+# Textual inversion: `{placeholder}` for Infinity ({model_type})
 
 A learned flan-T5 token ({where}) for {base_link}:
-write **{placeholder}** in a prompt to get the concept ({args.learnable_property}, initialised from
+write **`{placeholder}`** in a prompt to get the concept ({args.learnable_property}, initialised from
 "{args.initializer_token}", {vectors.shape[-2]} vector(s){sets}, trained at {args.pn}).
 {grid}
 ## Use
 
 ```bash
 python infer_textual_inversion.py --pretrained_model_name_or_path {base_flag} \\
-   {type_flag} --learned_embeds {repo_id} \\
+   {type_flag} --learned_embeds {learned_embeds} \\
     --prompt "a photo of a {placeholder} on the beach" --num_images 4 --seed 0
 ```
 
-`learned_embeds.safetensors` holds `{{"{placeholder}": {tuple(vectors.shape)}}}` with metadata naming the
+`learned_embeds.safetensors` holds `{{{entries}}}` with metadata naming the
 tokens, the initializer and the base model; `token_identifier.txt` and `type_of_concept.txt` name the
 trigger token and the kind of concept. Made with infinity-textual-inversion's
 `train_textual_inversion_infinity.py`; `infer_textual_inversion.py` comes with it.
@@ -1400,7 +1406,7 @@ def save_final_files(args, concept, learned: LearnedVectors, metadata: dict, ste
         write_text(os.path.join(args.output_dir, "type_of_concept.txt"), args.learnable_property)
         save_model_card(
             args,
-            repo_id or args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            repo_id or args.hub_model_id or f"path/to/{os.path.basename(os.path.abspath(args.output_dir))}",
             validation.last_grid,
             learned.saved_vectors,
             validation.last_scores,

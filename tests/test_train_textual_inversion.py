@@ -86,6 +86,11 @@ def test_accelerate_launch_writes_every_output(tiny_pipeline_dir, concept_dir, t
     # a local base model is no hub link, and the card says what this model is
     assert "base_model:" not in card and str(tmp_path.parent) not in card
     assert "Infinity (custom)" in card and "(8, 128)" in card and "2048" not in card and "--model_type" not in card
+    # the token in code spans (as bare <blob> a Markdown renderer takes it for a tag and shows nothing), the
+    # file's two entries, and the command naming the folder as path/to/, not as a bare name that exists nowhere
+    assert f"# Textual inversion: `{PLACEHOLDER}` for" in card and f"**`{PLACEHOLDER}`**" in card
+    assert f'"{PLACEHOLDER}": (8, 128), "{PLACEHOLDER}.t5_input": (8, 128)' in card
+    assert "--learned_embeds path/to/out " in card
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(out / "learned_embeds.safetensors").st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
