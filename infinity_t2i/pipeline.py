@@ -459,6 +459,10 @@ class InfinityPipeline:
         row per prompt), already computed, used instead of encoding them (training's validation
         encodes its prompts once, while T5 is on the GPU)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images_per_prompt < 1:
+            raise ValueError(
+                f"give at least one prompt and one image per prompt, got {prompts} x {num_images_per_prompt}"
+            )
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if prompt_embeds is None:
             text = self.encode_prompt(prompts)

@@ -7,6 +7,7 @@ the same logits go through the same masking and the same `torch.multinomial` cal
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,18 @@ class SamplingSettings:
     top_k: int = 900  # per bit: >= 2 keeps both values, 1 is greedy, 0 off
     top_p: float = 0.97  # per bit, 0 off
     cfg_insertion_layer: int | Sequence[int] = 0  # 0: guidance on the logits; -k: on hidden states after block depth-k
+
+    def __post_init__(self):
+        """Refuses what no sampler can draw with (the scripts' flags keep to narrower ranges)."""
+        rules = {"cfg": ("finite", math.isfinite), "tau": ("positive", lambda v: math.isfinite(v) and v > 0)}
+        for name, (rule, holds) in rules.items():
+            value = getattr(self, name)
+            if not all(holds(v) for v in ([value] if isinstance(value, (int, float)) else value)):
+                raise ValueError(f"{name} must be {rule} (one value, or one per scale), got {value}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be at least 0 (0: off), got {self.top_k}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0: off), got {self.top_p}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingSettings:

@@ -194,6 +194,20 @@ def test_pipeline_from_a_local_folder(tiny_pipeline_dir):
         TypeError, match="unknown sampling setting.s. temperature; the settings are cfg .guidance_scale."
     ):
         pipe("a photo of a dog", schedule=schedule, temperature=0.5)
+    # what no sampler can draw with is refused in words (before: ZeroDivisionError, IndexError, or images drawn
+    # with top_p 2); the scripts' flags keep to narrower ranges
+    for settings, message in [
+        ({"tau": 0}, "tau must be positive"),
+        ({"tau": [1.0, 1.0, 0.0, 1.0, 1.0]}, "tau must be positive"),
+        ({"cfg": float("nan")}, "cfg must be finite"),
+        ({"top_k": -1}, "top_k must be at least 0"),
+        ({"top_p": 2}, "top_p must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pipe("a photo of a dog", schedule=schedule, seed=3, **settings)
+    for prompts, num_images in [([], 1), ("a photo of a dog", 0)]:
+        with pytest.raises(ValueError, match="give at least one prompt and one image per prompt"):
+            pipe(prompts, schedule=schedule, seed=3, num_images_per_prompt=num_images)
 
 
 def test_model_folder_errors_point_at_the_folder(tiny_pipeline_dir, tmp_path):
