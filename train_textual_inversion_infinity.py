@@ -20,6 +20,7 @@ last 20 steps (--ema_decay).
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -477,6 +478,17 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and not holds(value):
             parser.error(f"--{name} must be {rule}, got {value}")
+    if args.report_to in ("wandb", "mlflow", "comet_ml") and importlib.util.find_spec(args.report_to) is None:
+        # accelerate would train on with a warning and log nothing
+        parser.error(
+            f"--report_to {args.report_to} needs its package: pip install {args.report_to}, or log to tensorboard"
+        )
+    trained = num_training_scales(get_schedule(1.0, args.pn), args.train_scales)
+    if args.prior_weight == 1 and args.prior_scales >= trained:
+        parser.error(
+            f"--prior_scales {args.prior_scales} covers all {trained} trained scales (--pn {args.pn}, --train_scales "
+            f"{args.train_scales}) with --prior_weight 1: no bit of the images would reach the loss; give fewer"
+        )
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         parser.error(
             "--resume_from_checkpoint continues the run in --output_dir, --overwrite_output_dir replaces it; "
@@ -1873,6 +1885,8 @@ def main(args):
             group_start = k - k % accumulation
             group_end = min(group_start + accumulation, num_batches)
             sync = k + 1 == group_end
+            if k == group_start:
+                step_loss = 0.0  # the step's loss: the mean over its batches, as its gradient
             with contextlib.nullcontext() if sync else accelerator.no_sync(learned):
                 loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, at_start, step_rng)
                 if not all_finite(accelerator, loss):
@@ -1882,6 +1896,7 @@ def main(args):
                     last_good[name].copy_(value)
                 last_good_step = global_step
                 accelerator.backward(loss / (group_end - group_start))
+                step_loss += loss.detach().item() / (group_end - group_start)
             if not sync:
                 continue
             accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
@@ -1897,7 +1912,7 @@ def main(args):
             global_step += 1
             progress_bar.update(1)
             logs = {
-                "loss": loss.detach().item(),
+                "loss": step_loss,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "vector_norm": accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item(),
                 "vocab_mean_norm": concept.vocab_norm,

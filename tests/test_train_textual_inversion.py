@@ -1,5 +1,6 @@
 """train_textual_inversion_infinity.py on a tiny Infinity + tiny T5, on CPU."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -425,6 +426,12 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--mixed_precision", "fp16"], "blocks run in bfloat16"),
         ("ok", ["--resume_from_checkpoint", "nowhere"], "does not exist"),
         ("ok", ["--report_to", "nowhere"], "invalid choice: 'nowhere'"),
+        pytest.param(  # before: trained with a warning of accelerate's and logged nothing
+            "ok",
+            ["--report_to", "wandb"],
+            "--report_to wandb needs its package: pip install wandb",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+        ),
         ("ok", ["--num_validation_images", "0"], "--num_validation_images must be at least 1"),
         ("ok", ["--learning_rate", "nan"], "--learning_rate must be a positive number"),
         ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),

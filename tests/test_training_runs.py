@@ -65,6 +65,21 @@ def test_an_optimisation_step_never_spans_two_epochs(tiny_pipeline_dir, concept_
     assert final_embedding(out)[1] == "4" and len(scalars(out, "loss")) == 4
 
 
+def test_the_logged_loss_is_the_mean_over_the_steps_batches(tiny_pipeline_dir, concept_dir, tmp_path, monkeypatch):
+    # before: the last batch's loss alone, which jumps with the batch when shapes or images differ
+    losses = iter([1.0, 3.0] * 3)
+
+    def known_loss(args, indices, data, pipe, concept, learned, *rest):
+        return (learned.weight * 0).sum() + next(losses)
+
+    monkeypatch.setattr(train, "training_loss", known_loss)
+    out = tmp_path / "out"
+    run_argv(
+        train_args(tiny_pipeline_dir, concept_dir, out, "--gradient_accumulation_steps", "2", "--max_train_steps", "3")
+    )
+    assert scalars(out, "loss") == [2.0, 2.0, 2.0]
+
+
 def test_a_resume_inside_a_partial_epoch_ends_where_the_uninterrupted_run_ends(
     tiny_pipeline_dir, concept_dir, tmp_path
 ):
@@ -356,6 +371,7 @@ def test_non_finite_vectors_are_never_written(tmp_path):
         ("--self_correction_scales", "-1", "--self_correction_scales must be at least 0"),
         ("--prior_scales", "-1", "--prior_scales must be at least 0, got -1"),
         ("--prior_weight", "1.5", "--prior_weight must be in [0, 1], got 1.5"),
+        ("--prior_scales", "5", "--prior_scales 5 covers all 5 trained scales"),  # before: trained nothing
         ("--ema_decay", "1", "--ema_decay must be in [0, 1), got 1.0"),
         ("--ema_decay", "-0.5", "--ema_decay must be in [0, 1)"),
         ("--overwrite_output_dir", "--resume_from_checkpoint=latest", "give one of them"),
