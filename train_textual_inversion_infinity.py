@@ -1324,8 +1324,12 @@ def check_checkpoint(path: str, num_processes: int) -> None:
 def run_identity(args, data: str, accelerator: Accelerator) -> dict[str, str]:
     """What the run is, as recorded in run.json and every checkpoint: RECIPE_FLAGS as given
     (--scale_lr rescales the learning rate later), the data's fingerprint, the processes and the
-    precision (the seed and the run id are added once known)."""
+    precision (the seed and the run id are added once known). Under a schedule that decays over
+    the run, its length too: a run resumed to a new length would splice two schedules (a
+    constant learning rate lets a run be extended)."""
     identity = {name: str(getattr(args, name)) for name in RECIPE_FLAGS}
+    if args.lr_scheduler not in ("constant", "constant_with_warmup"):
+        identity["max_train_steps"] = str(args.max_train_steps)
     return identity | {
         "data": data,
         "num_processes": str(accelerator.num_processes),

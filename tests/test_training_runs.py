@@ -254,6 +254,17 @@ def test_a_resume_with_other_settings_is_refused(
     assert folder_bytes(out) == before
 
 
+def test_a_decaying_schedule_resumes_only_to_its_own_length(tiny_pipeline_dir, concept_dir, tmp_path, capsys):
+    # before: a cosine run of 2 steps resumed to 4 went on along the 4-step curve, matching neither run
+    # (a constant learning rate may still be extended: the partial-epoch test above)
+    out = tmp_path / "out"
+    cosine = ("--lr_scheduler", "cosine", "--checkpointing_steps", "2")
+    run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "2", *cosine)
+    resume = ("--max_train_steps", "4", "--resume_from_checkpoint", "latest", *cosine)
+    err = run_script_expecting_error(SCRIPT, train_args(tiny_pipeline_dir, concept_dir, out, *resume), capsys)
+    assert "--max_train_steps 2, this run has --max_train_steps 4" in err, err
+
+
 def test_a_run_recorded_before_a_flag_existed_resumes_only_as_it_ran(tiny_pipeline_dir, concept_dir, tmp_path):
     out = tmp_path / "out"
     run(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1")
