@@ -478,6 +478,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and not holds(value):
             parser.error(f"--{name} must be {rule}, got {value}")
+    if args.lr_warmup_steps and args.lr_scheduler == "constant":  # which has no warmup: it would be ignored
+        parser.error("--lr_warmup_steps needs a schedule with a warmup; add --lr_scheduler constant_with_warmup")
     if args.report_to in ("wandb", "mlflow", "comet_ml") and importlib.util.find_spec(args.report_to) is None:
         # accelerate would train on with a warning and log nothing
         parser.error(

@@ -383,6 +383,7 @@ def test_non_finite_vectors_are_never_written(tmp_path):
         ("--prior_scales", "-1", "--prior_scales must be at least 0, got -1"),
         ("--prior_weight", "1.5", "--prior_weight must be in [0, 1], got 1.5"),
         ("--prior_scales", "5", "--prior_scales 5 covers all 5 trained scales"),  # before: trained nothing
+        ("--lr_warmup_steps", "3", "needs a schedule with a warmup"),  # before: ignored under the constant rate
         ("--ema_decay", "1", "--ema_decay must be in [0, 1), got 1.0"),
         ("--ema_decay", "-0.5", "--ema_decay must be in [0, 1)"),
         ("--overwrite_output_dir", "--resume_from_checkpoint=latest", "give one of them"),
