@@ -113,6 +113,19 @@ def default_text_encoder_dtype(device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def text_encoder_not_found(name_or_path: str, error: OSError) -> ModelFilesNotFound:
+    """What a failed load of flan-T5 from a folder or a hub id says to do."""
+    if os.path.isdir(name_or_path):
+        return ModelFilesNotFound(
+            f"{name_or_path} holds no complete flan-T5 encoder ({type(error).__name__}); it needs config.json, the "
+            "weights (model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
+        )
+    return ModelFilesNotFound(
+        f"could not load the T5 text encoder from {name_or_path!r} ({type(error).__name__}); download "
+        f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"
+    )
+
+
 def load_tokenizer(name_or_path: str, revision: str | None = None):
     """flan-T5's tokenizer alone: seconds, where the encoder takes minutes at flan-T5-XL's size."""
     from transformers import AutoTokenizer
@@ -149,18 +162,6 @@ def load_text_encoder(name_or_path: str, dtype: torch.dtype, device, revision: s
     except OSError as e:
         raise text_encoder_not_found(name_or_path, e) from e
     return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
-
-
-def text_encoder_not_found(name_or_path: str, error: OSError) -> ModelFilesNotFound:
-    if os.path.isdir(name_or_path):
-        return ModelFilesNotFound(
-            f"{name_or_path} holds no complete flan-T5 encoder ({type(error).__name__}); it needs config.json, the "
-            "weights (model.safetensors or pytorch_model.bin) and the tokenizer files of the flan-T5 repo"
-        )
-    return ModelFilesNotFound(
-        f"could not load the T5 text encoder from {name_or_path!r} ({type(error).__name__}); download "
-        f"https://huggingface.co/{name_or_path} (config, weights, tokenizer files) into a folder DIR and pass DIR"
-    )
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
