@@ -56,7 +56,7 @@ from infinity_t2i.pipeline import (
     resolve_preset,
     resolve_text_encoder,
 )
-from infinity_t2i.resolution import PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
+from infinity_t2i.resolution import H_DIV_W_TEMPLATES, PN_NUM_SCALES, ScaleSchedule, get_schedule, nearest_template
 from infinity_t2i.similarity import ConceptSimilarity, check_similarity_model
 from infinity_t2i.text import T5_MAX_LENGTH, TextCondition, encode_prompt, tokenize
 from infinity_t2i.textual_inversion import (
@@ -478,14 +478,16 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and not holds(value):
             parser.error(f"--{name} must be {rule}, got {value}")
-    if args.lr_warmup_steps and args.lr_scheduler == "constant":  # which has no warmup: it would be ignored
+    if args.lr_warmup_steps and args.lr_scheduler == "constant" and not args.resume_from_checkpoint:
+        # the constant schedule has no warmup and ignores it (a run recorded so still resumes as it ran)
         parser.error("--lr_warmup_steps needs a schedule with a warmup; add --lr_scheduler constant_with_warmup")
     if args.report_to in ("wandb", "mlflow", "comet_ml") and importlib.util.find_spec(args.report_to) is None:
         # accelerate would train on with a warning and log nothing
         parser.error(
             f"--report_to {args.report_to} needs its package: pip install {args.report_to}, or log to tensorboard"
         )
-    trained = num_training_scales(get_schedule(1.0, args.pn), args.train_scales)
+    templates = H_DIV_W_TEMPLATES if args.aspect_ratio == "nearest" else (1.0,)
+    trained = min(num_training_scales(get_schedule(t, args.pn), args.train_scales) for t in templates)
     if args.prior_weight == 1 and args.prior_scales >= trained:
         parser.error(
             f"--prior_scales {args.prior_scales} covers all {trained} trained scales (--pn {args.pn}, --train_scales "
@@ -614,7 +616,7 @@ def read_captions(folder: str, caption_column: str) -> dict[str, str]:
             lines[name], captions[name] = n, row[caption_column]
     for name in os.listdir(folder):
         stem, ext = os.path.splitext(name)
-        if ext.lower() == ".txt" and stem:
+        if ext.lower() == ".txt" and stem and not name.startswith("."):  # macOS's "._name.txt" beside each copy
             for image_name in os.listdir(folder):
                 if (
                     os.path.splitext(image_name)[0] == stem
@@ -1010,8 +1012,8 @@ def check_output_dir(args) -> None:
     readme = os.path.join(args.output_dir, "README.md")
     if os.path.isfile(readme) and not os.path.exists(os.path.join(args.output_dir, RUN_RECORD_NAME)):
         raise UsageError(
-            f"--output_dir {args.output_dir} holds a README.md that no training run wrote, and the run's model card "
-            "would replace it; move it away or choose another folder"
+            f"--output_dir {args.output_dir} holds a README.md but no run.json (no run's record), and the run's model "
+            "card would replace it; move it away or choose another folder"
         )
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
@@ -1892,7 +1894,7 @@ def main(args):
             group_end = min(group_start + accumulation, num_batches)
             sync = k + 1 == group_end
             if k == group_start:
-                step_loss = 0.0  # the step's loss: the mean over its batches, as its gradient
+                step_loss = 0.0  # the step's loss: the mean over this process's batches of the step
             with contextlib.nullcontext() if sync else accelerator.no_sync(learned):
                 loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, at_start, step_rng)
                 if not all_finite(accelerator, loss):

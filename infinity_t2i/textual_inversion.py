@@ -553,8 +553,9 @@ def load_learned_embeds(
             f"{path}: {name + T5_INPUT_SUFFIX} belongs to no output-mode embedding {name!r}; the file was changed, use "
             "the one training wrote"
         )
-    named = metadata.get("placeholder_token") if metadata.get("format") == FORMAT else None
-    if named is not None and set(state) != {named}:  # this project's file holds its one concept
+    recorded = metadata.get("tokens")  # the placeholder first; placeholder_token itself may decode as JSON ("[1]")
+    named = recorded[0] if metadata.get("format") == FORMAT and isinstance(recorded, list) and recorded else None
+    if isinstance(named, str) and set(state) != {named}:  # this project's file holds its one concept
         raise CheckpointError(
             f"{path} holds {sorted(state)} where its metadata names {named!r} alone; the file was changed, use the "
             "one training wrote"
@@ -587,6 +588,8 @@ def load_learned_embeds(
             raise CheckpointError(f"{path}: output-mode entry {name!r} needs {name + T5_INPUT_SUFFIX} of shape {rows}")
         if per_scale and mode != "output":
             raise CheckpointError(f"{path}: entry {name!r} has vectors per scale, which only output mode has")
+        if mode == "output" and not t5_input.is_floating_point():
+            raise CheckpointError(f"{path}: {name + T5_INPUT_SUFFIX} is not a floating-point tensor")
         if mode == "output" and not torch.isfinite(t5_input).all():
             raise CheckpointError(
                 f"{path}: {name + T5_INPUT_SUFFIX} holds non-finite values (NaN or inf); use an earlier save"

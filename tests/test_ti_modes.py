@@ -219,6 +219,12 @@ def test_a_file_without_its_metadata_keeps_its_mode_and_a_changed_one_is_refused
         load_learned_embeds(changed(**{"<y>": torch.randn(1, 8), "<y>.t5_input": torch.randn(1, 8)}))
     with pytest.raises(CheckpointError, match=r"<z>\.t5_input belongs to no output-mode embedding"):  # before: dropped
         load_learned_embeds(changed(**{"<z>.t5_input": torch.randn(1, 8)}))
+    with pytest.raises(CheckpointError, match=r"<x>\.t5_input is not a floating-point tensor"):
+        load_learned_embeds(changed(**{"<x>.t5_input": torch.ones(2, 8, dtype=torch.int64)}))
+    # a placeholder that reads as JSON ("[1]") names the file's one concept as well
+    odd = LearnedConcept("[1]", ["[1]"], torch.randn(1, 8, generator=g), {}, mode="output", t5_input=torch.randn(1, 8))
+    save_learned_embeds(str(tmp_path / "odd.safetensors"), odd)
+    assert [c.placeholder for c in load_learned_embeds(str(tmp_path / "odd.safetensors"))] == ["[1]"]
 
 
 def test_per_scale_vectors_start_where_the_shared_set_starts(tiny_pipeline_dir, concept_dir, tmp_path):

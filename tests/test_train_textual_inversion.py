@@ -436,6 +436,7 @@ def test_unusual_images_train(tiny_pipeline_dir, tmp_path, caplog):
         ("ok", ["--learning_rate", "nan"], "--learning_rate must be a positive number"),
         ("ok", ["--placeholder_token", "my dog"], "must be one word without spaces"),
         ("ok", ["--placeholder_token", "irc"], "bare word that would match inside other words; mark it, e.g. <irc>"),
+        ("ok", ["--aspect_ratio", "nearest", "--prior_scales", "4"], "covers all 4 trained scales"),  # 3:4 has 4
         ("ok", ["--validation_prompt", "a photo of a dog"], "'a photo of a dog' does not contain <blob>; add it"),
         ("ok", ["--validation_prompt", "a <blob>:0.5"], "give it without the weight"),
         ("latin1", [], "is not UTF-8 text"),
@@ -519,10 +520,17 @@ def test_captions_with_a_byte_order_mark_and_macos_metadata_files_are_read(tmp_p
     data.mkdir()
     draw_concept(data / "fine.png")
     (data / "._fine.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what macOS copies beside an image
+    (data / "._fine.txt").write_bytes(b"\x00\x05\x16\x07\xff AppleDouble")  # and beside a caption
     caption = f"a photo of a {PLACEHOLDER} in the garden"
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "fine.png", "text": caption}) + "\n", "utf-8-sig")
     examples = train.read_examples(train.parse_args(train_args("no-model", data, tmp_path / "out")))
     assert [(name, text) for name, _, text in examples] == [("fine.png", caption)]
+
+
+def test_a_run_recorded_with_a_warmup_under_the_constant_schedule_may_resume(tmp_path):
+    # a new run is refused that warmup (the constant schedule ignores it); a run recorded with it resumes as it ran
+    argv = train_args("no-model", tmp_path, tmp_path / "out", "--lr_warmup_steps", "3")
+    assert train.parse_args([*argv, "--resume_from_checkpoint", "latest"]).lr_warmup_steps == 3
 
 
 def test_a_dataset_without_the_caption_column_asked_for_is_refused(tmp_path):

@@ -199,7 +199,7 @@ def test_the_users_own_files_in_the_output_folder_are_kept(tiny_pipeline_dir, co
     argv = train_args(tiny_pipeline_dir, concept_dir, out, "--max_train_steps", "1")
     for extra in ([], ["--overwrite_output_dir"]):
         err = run_script_expecting_error(SCRIPT, [*argv, *extra], capsys)
-        assert "holds a README.md that no training run wrote" in err, err
+        assert "holds a README.md but no run.json" in err, err
     assert folder_bytes(out) == {name: text.encode() for name, text in mine.items()}
     (out / "README.md").unlink()
     run_argv([*argv, "--overwrite_output_dir"])
