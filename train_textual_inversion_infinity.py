@@ -900,19 +900,24 @@ def check_concept_words(args) -> None:
         )
     except ModelFilesNotFound:
         return
-    pieces = initializer_pieces(tokenizer, args.initializer_token)
     vocab = tokenizer.get_vocab()
-    for token in placeholder_tokens(args.placeholder_token, max(args.num_vectors, len(pieces))):
+    for token in concept_words(args, tokenizer)[1]:
         check_new_token(token, vocab)
+
+
+def concept_words(args, tokenizer) -> tuple[list[int], list[str]]:
+    """The initializer's word pieces and the placeholder's tokens: --num_vectors of them, and at
+    least one per piece."""
+    pieces = initializer_pieces(tokenizer, args.initializer_token)
+    return pieces, placeholder_tokens(args.placeholder_token, max(args.num_vectors, len(pieces)))
 
 
 def add_concept_tokens(args, tokenizer, text_encoder) -> ConceptTokens:
     """Adds the placeholder's tokens to the tokenizer and T5. An initializer of k word pieces gives
     k vectors, one per piece, so that at step 0 the concept draws what the word draws."""
     embedding = text_encoder.get_input_embeddings()
-    pieces = initializer_pieces(tokenizer, args.initializer_token)
-    start = initializer_vectors(embedding.weight[pieces], args.num_vectors)
-    tokens = placeholder_tokens(args.placeholder_token, start.shape[0])
+    pieces, tokens = concept_words(args, tokenizer)
+    start = initializer_vectors(embedding.weight[pieces], len(tokens))
     logger.info(
         f"initializer {args.initializer_token!r} = {tokenizer.convert_ids_to_tokens(pieces)}: {len(tokens)} vector(s) "
         f"{tokens}"
@@ -1894,7 +1899,7 @@ def main(args):
             group_end = min(group_start + accumulation, num_batches)
             sync = k + 1 == group_end
             if k == group_start:
-                step_loss = 0.0  # the step's loss: the mean over this process's batches of the step
+                step_loss = torch.zeros((), device=accelerator.device)  # this process's mean over the step's batches
             with contextlib.nullcontext() if sync else accelerator.no_sync(learned):
                 loss = training_loss(args, indices.tolist(), data, pipe, concept, learned, at_start, step_rng)
                 if not all_finite(accelerator, loss):
@@ -1904,7 +1909,7 @@ def main(args):
                     last_good[name].copy_(value)
                 last_good_step = global_step
                 accelerator.backward(loss / (group_end - group_start))
-                step_loss += loss.detach().item() / (group_end - group_start)
+                step_loss += loss.detach() / (group_end - group_start)  # read once, when logged
             if not sync:
                 continue
             accelerator.clip_grad_norm_(learned.parameters(), args.max_grad_norm)
@@ -1920,7 +1925,7 @@ def main(args):
             global_step += 1
             progress_bar.update(1)
             logs = {
-                "loss": step_loss,
+                "loss": step_loss.item(),
                 "lr": lr_scheduler.get_last_lr()[0],
                 "vector_norm": accelerator.unwrap_model(learned).vectors.detach().norm(dim=-1).mean().item(),
                 "vocab_mean_norm": concept.vocab_norm,

@@ -537,18 +537,19 @@ def load_learned_embeds(
         state = {f"<{stem}>": state["emb_params"]}
     if not state:
         raise CheckpointError(f"{path} holds no embedding")
+    t5_inputs = {
+        k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]
+    }
     # without metadata (a copy that lost it, a .bin) the T5 input rows still mark an output-mode concept
-    mode = metadata.get("ti_mode", "output" if any(k.endswith(T5_INPUT_SUFFIX) for k in state) else "input")
+    mode = metadata.get("ti_mode", "output" if t5_inputs else "input")
     if mode not in TI_MODES:
         raise CheckpointError(
             f"{path}: unknown ti_mode {mode!r} in its metadata (known: {', '.join(TI_MODES)}); it was made by a newer "
             "version"
         )
-    t5_inputs = {
-        k.removesuffix(T5_INPUT_SUFFIX): state.pop(k) for k in [k for k in state if k.endswith(T5_INPUT_SUFFIX)]
-    }
-    if t5_inputs.keys() - state.keys() or (t5_inputs and mode != "output"):
-        name = next(iter(t5_inputs.keys() - state.keys() or t5_inputs))
+    stray = sorted(t5_inputs.keys() - state.keys()) or (sorted(t5_inputs) if mode != "output" else [])
+    if stray:
+        name = stray[0]
         raise CheckpointError(
             f"{path}: {name + T5_INPUT_SUFFIX} belongs to no output-mode embedding {name!r}; the file was changed, use "
             "the one training wrote"
